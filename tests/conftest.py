@@ -1,0 +1,126 @@
+"""Shared fixtures. Integration tests talk to real Postgres and Redis servers.
+
+Defaults: postgresql+psycopg://postgres@127.0.0.1:5432/test and redis://127.0.0.1:6379, overridable by
+BACKFILL_TEST_DATABASE_URL / BACKFILL_TEST_REDIS_URL. Each test session gets its own freshly migrated
+Postgres database (created next to the given one and dropped at the end); each test starts with empty
+tables and an empty Redis database. When CI=true an unreachable server is an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from service.config import Settings
+from service.db.models import Base
+
+TEST_DB_URL = os.environ.get(
+    "BACKFILL_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+TEST_REDIS_URL = os.environ.get("BACKFILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _unavailable(what: str, err: Exception) -> None:
+    msg = f"{what} is not reachable ({err}); run `make test`, which starts it"
+    if IN_CI:
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
+
+
+def _admin_url() -> sa.URL:
+    url = make_url(TEST_DB_URL)
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> sa.URL:
+    url = _admin_url()
+    try:
+        eng = sa.create_engine(url)
+        with eng.connect() as c:
+            c.execute(sa.text("select 1"))
+        eng.dispose()
+    except Exception as e:
+        _unavailable("PostgreSQL", e)
+    return url
+
+
+def create_database(server_url: sa.URL, prefix: str = "backfill_test") -> sa.URL:
+    """Create an empty, uniquely named database on the test server and return its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    eng = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    eng.dispose()
+    return server_url.set(database=name)
+
+
+def drop_database(server_url: sa.URL, url: sa.URL) -> None:
+    eng = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    eng.dispose()
+
+
+@pytest.fixture
+def fresh_pg_url(pg_server_url: sa.URL) -> Iterator[str]:
+    """An empty, unmigrated Postgres database for this test only."""
+    url = create_database(pg_server_url, "backfill_fresh")
+    yield url.render_as_string(hide_password=False)
+    drop_database(pg_server_url, url)
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server_url: sa.URL) -> Iterator[str]:
+    """A Postgres database migrated to head, shared by the session's tests."""
+    from service.db.migrate import upgrade_head
+
+    url = create_database(pg_server_url)
+    rendered = url.render_as_string(hide_password=False)
+    upgrade_head(Settings(database_url=rendered))
+    yield rendered
+    drop_database(pg_server_url, url)
+
+
+def truncate_all(url: str) -> None:
+    eng = sa.create_engine(url)
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with eng.begin() as c:
+        c.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    eng.dispose()
+
+
+@pytest.fixture
+def pg(pg_url: str) -> str:
+    """The session's migrated Postgres database, emptied for this test."""
+    truncate_all(pg_url)
+    return pg_url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A real Redis database, flushed for this test."""
+    try:
+        r = redis.Redis.from_url(TEST_REDIS_URL)
+        r.ping()
+        r.flushdb()
+        r.close()
+    except Exception as e:
+        _unavailable("Redis", e)
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def settings(pg: str, redis_url: str, tmp_path: Path) -> Settings:
+    """Settings pointing at the real test Postgres and Redis."""
+    return Settings(database_url=pg, redis_url=redis_url, data_dir=tmp_path / "data")
