@@ -1,0 +1,69 @@
+"""The FastAPI application factory and its lifespan (typed state on `app.state.runtime`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+
+from service.api import errors, items, search, system
+from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.config import Settings, get_settings
+from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    runtime = Runtime.create(settings)
+    try:
+        await run_in_threadpool(runtime.start)
+    except BaseException:
+        runtime.stop()
+        raise
+    app.state.runtime = runtime
+    try:
+        yield
+    finally:
+        await run_in_threadpool(runtime.stop)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; `settings` defaults to the process's environment."""
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level)
+    app = FastAPI(
+        title="online-backfill",
+        summary="Nearest-neighbour search that upgrades its embedding model without downtime.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.runtime = None
+    errors.install(app)
+    app.include_router(system.router)
+    app.include_router(search.router)
+    app.include_router(items.router)
+    try:
+        from service.api.rollouts import router as rollouts_router
+    except ModuleNotFoundError as e:
+        if e.name != "service.api.rollouts":
+            raise
+    else:
+        app.include_router(rollouts_router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)  # added last = outermost: 413s are counted too
+    return app

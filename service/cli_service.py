@@ -1,0 +1,96 @@
+"""`backfill serve` and `backfill models register|list`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+
+from service.config import get_settings
+
+models_app = typer.Typer(help="Model versions and compatibility packs.", no_args_is_help=True)
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Bind address."),
+    port: int = typer.Option(8000, help="Port."),
+    workers: int = typer.Option(1, min=1, help="uvicorn worker processes."),
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from service.redis_conn import redis_url
+
+    settings = get_settings()
+    # Before the workers fork: start the embedded Redis (exports its URL to them) and migrate SQLite
+    # once, rather than racing migrations in every worker.
+    redis_url(settings)
+    if settings.is_sqlite:
+        from service.db.migrate import upgrade_head
+
+        upgrade_head(settings)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="backfill-prom-")
+    uvicorn.run(
+        "service.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+    )
+
+
+@models_app.command("register")
+def models_register(directory: Path = typer.Argument(..., exists=True, file_okay=False)) -> None:
+    """Register the encoders and compat packs found in DIRECTORY (idempotent)."""
+    from service.db import make_engine, make_sessionmaker
+    from service.registry import register_artifacts
+
+    settings = get_settings()
+    if settings.is_sqlite:
+        from service.db.migrate import upgrade_head
+
+        upgrade_head(settings)
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            res = register_artifacts(s, directory, settings.default_model)
+    finally:
+        engine.dispose()
+    typer.echo(f"added: {', '.join(res.added) or '-'}")
+    typer.echo(f"unchanged: {', '.join(res.unchanged) or '-'}")
+    if res.updated:
+        typer.echo(f"updated: {', '.join(res.updated)}")
+    if res.conflicts:
+        typer.echo(f"conflicts (checksum differs, left alone): {', '.join(res.conflicts)}", err=True)
+    typer.echo(f"serving: {res.serving or '-'}")
+    if res.conflicts:
+        raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List model versions and compat packs."""
+    from service.db import make_engine, make_sessionmaker
+    from service.registry import list_models
+
+    settings = get_settings()
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            data = list_models(s)
+    finally:
+        engine.dispose()
+    typer.echo(f"{'model':<12}{'dim':>6}  {'status':<12}path")
+    for m in data["models"]:
+        typer.echo(f"{m['name']!s:<12}{m['dim']!s:>6}  {m['status']!s:<12}{m['artifact_path']}")
+    for p in data["compat_packs"]:
+        typer.echo(f"compat {p['from']} -> {p['to']}  {p['artifact_path']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.add_typer(models_app, name="models")

@@ -1,0 +1,391 @@
+"""FAISS indices keyed by item id, one per embedding space, and the OLD/NEW pair of a rollout.
+
+`VectorIndex` is one embedding space: FAISS ids are item ids, with add (replace on a known id), remove and
+exact k-NN (squared L2). Index types come from a FAISS factory string:
+
+- ``Flat`` (default): ``IndexIDMap2(IndexFlatL2)``, exact, native removal.
+- ``IVF<n>,...``: native ids and removal; trained on the first vectors added (nlist shrunk to fit
+  small galleries, since IVF needs >= nlist training points).
+- ``HNSW<m>`` and every GPU index: no native removal, so removed ids become tombstones filtered out of
+  results (the search over-fetches by the tombstone count) and the index is rebuilt from a host copy
+  of its vectors once tombstones pass a fraction of it.
+
+`IndexSet` is what a query sees: the single index outside a rollout, OLD and NEW during one, with a
+readers-writer lock. Writers (ingestion) change both sides of a batch under the write lock, so a reader
+holding the read lock sees every live item on exactly one side (invariant 1 of DESIGN.md). A layout
+change (rollout start, completion, abort) builds a whole new `IndexSet` off to the side and swaps the
+manager's reference; a query that took the old reference keeps a consistent (if stale) view.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_REBUILD_FRACTION = 0.2
+TOMBSTONE_REBUILD_MIN = 1024
+MIN_POINTS_PER_CENTROID = 39  # FAISS warns below this
+
+
+def gpu_available(use_gpu: bool) -> bool:
+    """faiss-gpu with at least one visible GPU, and the setting allows it (decided at run time)."""
+    if not use_gpu:
+        return False
+    try:
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:  # a CPU build without the symbol, a broken driver
+        return False
+
+
+_gpu_res: object | None = None
+_gpu_lock = threading.Lock()
+
+
+def _gpu_resources() -> object:
+    global _gpu_res
+    with _gpu_lock:
+        if _gpu_res is None:
+            _gpu_res = faiss.StandardGpuResources()
+        return _gpu_res
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers so ingestion never starves."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(
+        np.fromiter(ids, dtype=np.int64) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64
+    ).reshape(-1)
+
+
+def _as_vecs(vecs: np.ndarray, dim: int) -> np.ndarray:
+    v = np.ascontiguousarray(vecs, dtype=np.float32)
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (N, {dim}), got {tuple(v.shape)}")
+    return v
+
+
+class VectorIndex:
+    """One embedding space's index; FAISS ids are item ids. Not thread-safe: `IndexSet` locks it."""
+
+    def __init__(self, dim: int, factory: str = "Flat", *, space: str = "", use_gpu: bool = False) -> None:
+        self.dim = dim
+        self.space = space  # the model version (or "v1->v2" for forward-transformed vectors) it holds
+        self.factory = factory.strip() or "Flat"
+        self._kind = self._classify(self.factory)
+        # GPU for exact (Flat) search only; IVF/HNSW stay on the CPU where removal/HNSW are supported.
+        self.on_gpu = self._kind == "flat" and gpu_available(use_gpu)
+        # Tombstone mode keeps sequential internal positions -> item ids and a host copy of the vectors.
+        self.tombstones = self.on_gpu or self._kind == "hnsw"
+        self._ids: set[int] = set()
+        self._dead: set[int] = set()
+        self._pos_ids = np.zeros(0, dtype=np.int64)
+        self._host = np.zeros((0, dim), dtype=np.float32)
+        self._index = self._new_index(self.factory)
+
+    @staticmethod
+    def _classify(factory: str) -> str:
+        f = factory.upper()
+        if f.startswith("IVF"):
+            return "ivf"
+        if "HNSW" in f:
+            return "hnsw"
+        return "flat"
+
+    def _new_index(self, factory: str) -> faiss.Index:
+        if self.tombstones:
+            if self.on_gpu:
+                return faiss.GpuIndexFlatL2(_gpu_resources(), self.dim, faiss.GpuIndexFlatConfig())  # type: ignore[call-overload]
+            return faiss.index_factory(self.dim, factory, faiss.METRIC_L2)
+        if self._kind == "ivf":
+            return faiss.index_factory(self.dim, factory, faiss.METRIC_L2)
+        return faiss.IndexIDMap2(faiss.index_factory(self.dim, factory, faiss.METRIC_L2))
+
+    # --- size and membership -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._ids
+
+    def ids(self) -> set[int]:
+        return set(self._ids)
+
+    # --- writes --------------------------------------------------------------------------------------
+    def _train_if_needed(self, vecs: np.ndarray) -> None:
+        if self._index.is_trained:
+            return
+        m = re.match(r"IVF(\d+)(.*)", self.factory, flags=re.IGNORECASE)
+        if m is not None:
+            nlist = int(m.group(1))
+            fit = max(1, min(nlist, vecs.shape[0] // MIN_POINTS_PER_CENTROID))
+            if fit != nlist:
+                log.info("IVF nlist %d -> %d for %d training vectors", nlist, fit, vecs.shape[0])
+                self._index = faiss.index_factory(self.dim, f"IVF{fit}{m.group(2)}", faiss.METRIC_L2)
+        self._index.train(vecs)
+
+    def add(self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray) -> None:
+        """Add vectors under item ids; an id already present is replaced."""
+        ids_a = _as_ids(ids)
+        v = _as_vecs(vecs, self.dim)
+        if ids_a.shape[0] != v.shape[0]:
+            raise ValueError("ids and vectors differ in length")
+        if ids_a.size == 0:
+            return
+        if np.unique(ids_a).size != ids_a.size:  # keep the last vector of a repeated id
+            _, last = np.unique(ids_a[::-1], return_index=True)
+            keep = np.sort(ids_a.size - 1 - last)
+            ids_a, v = ids_a[keep], v[keep]
+        present = [int(i) for i in ids_a if int(i) in self._ids]
+        if present:
+            self.remove(present)
+        if self.tombstones:
+            revived = self._dead.intersection(int(i) for i in ids_a)
+            if revived:  # an id must map to one live position: compact away its dead copy first
+                self._compact()
+            self._index.add(v)
+            self._pos_ids = np.concatenate([self._pos_ids, ids_a])
+            self._host = np.concatenate([self._host, v])
+        else:
+            self._train_if_needed(v)
+            self._index.add_with_ids(v, ids_a)
+        self._ids.update(int(i) for i in ids_a)
+
+    def remove(self, ids: Iterable[int] | np.ndarray) -> int:
+        """Remove item ids (absent ones are ignored); returns how many were present."""
+        gone = [int(i) for i in _as_ids(ids) if int(i) in self._ids]
+        if not gone:
+            return 0
+        self._ids.difference_update(gone)
+        if self.tombstones:
+            self._dead.update(gone)
+            if len(self._dead) > max(TOMBSTONE_REBUILD_MIN, TOMBSTONE_REBUILD_FRACTION * len(self._pos_ids)):
+                self._compact()
+        else:
+            self._index.remove_ids(np.asarray(gone, dtype=np.int64))  # type: ignore[arg-type]
+        return len(gone)
+
+    def _compact(self) -> None:
+        """Tombstone mode: rebuild the index from the host copy without dead positions."""
+        keep = ~np.isin(self._pos_ids, np.fromiter(self._dead, dtype=np.int64, count=len(self._dead)))
+        self._pos_ids = self._pos_ids[keep]
+        self._host = np.ascontiguousarray(self._host[keep])
+        self._dead.clear()
+        self._index = self._new_index(self.factory)
+        if len(self._pos_ids):
+            self._index.add(self._host)
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(M, dim) queries -> (M, k) squared-L2 distances and item ids, -1 / +inf where fewer exist."""
+        q = _as_vecs(queries, self.dim)
+        m = q.shape[0]
+        n = self._index.ntotal
+        if not self.tombstones and n >= k > 0 and m:
+            # The common case, on every query's path: FAISS's arrays as they are.
+            d, i = self._index.search(q, k)
+            if (i < 0).any():  # IVF/HNSW may find fewer than k
+                d[i < 0] = np.inf
+            return d, i
+        out_d = np.full((m, k), np.inf, dtype=np.float32)
+        out_i = np.full((m, k), -1, dtype=np.int64)
+        if n == 0 or m == 0 or k <= 0:
+            return out_d, out_i
+        if not self.tombstones:
+            kk = n
+            d, i = self._index.search(q, kk)
+            out_d[:, :kk], out_i[:, :kk] = d, i
+            out_d[out_i < 0] = np.inf
+            return out_d, out_i
+        kk = min(n, k + len(self._dead))
+        d, pos = self._index.search(q, kk)
+        ids = np.where(pos >= 0, self._pos_ids[np.clip(pos, 0, None)], -1)
+        if self._dead:
+            dead = np.fromiter(self._dead, dtype=np.int64, count=len(self._dead))
+            ids = np.where(np.isin(ids, dead), -1, ids)
+        for row in range(m):
+            ok = ids[row] >= 0
+            take = min(k, int(ok.sum()))
+            out_d[row, :take] = d[row][ok][:take]
+            out_i[row, :take] = ids[row][ok][:take]
+        return out_d, out_i
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which indices exist and what they hold, read from the database (rollout semantics of TEAM_NOTES).
+
+    Outside a rollout: one index (`new`) of `serving`. During a rollout from -> to: NEW holds `to`
+    vectors, OLD `from` vectors (mode reverse) or h(from) vectors (mode forward)."""
+
+    serving: str | None
+    rollout_id: int | None = None
+    from_model: str | None = None
+    to_model: str | None = None
+    mode: str | None = None
+
+    @property
+    def in_rollout(self) -> bool:
+        return self.rollout_id is not None
+
+    @property
+    def query_model(self) -> str | None:
+        """The one model that encodes a query: the rollout's target during a rollout."""
+        return self.to_model if self.in_rollout else self.serving
+
+    @property
+    def new_space(self) -> str | None:
+        return self.query_model
+
+    @property
+    def old_space(self) -> str | None:
+        if not self.in_rollout:
+            return None
+        return f"{self.from_model}->{self.to_model}" if self.mode == "forward" else self.from_model
+
+
+@dataclass
+class IndexSet:
+    """The indices a query searches, with the lock that keeps OLD/NEW moves atomic for readers."""
+
+    layout: Layout
+    new: VectorIndex | None
+    old: VectorIndex | None = None
+    lock: RWLock = field(default_factory=RWLock)
+
+    def sides(self) -> dict[str, int]:
+        with self.lock.read():
+            out = {"new": len(self.new) if self.new is not None else 0}
+            out["old"] = len(self.old) if self.old is not None else 0
+            return out
+
+    def backfilled_fraction(self) -> float:
+        """Share of the live gallery already in the target space (1.0 outside a rollout)."""
+        if not self.layout.in_rollout:
+            return 1.0
+        s = self.sides()
+        total = s["new"] + s["old"]
+        return s["new"] / total if total else 0.0
+
+    def side_of(self, item_id: int) -> str | None:
+        with self.lock.read():
+            if self.new is not None and item_id in self.new:
+                return "new"
+            if self.old is not None and item_id in self.old:
+                return "old"
+            return None
+
+    # --- writes (ingestion) --------------------------------------------------------------------------
+    def apply(
+        self,
+        to_new: tuple[np.ndarray, np.ndarray] | None = None,
+        to_old: tuple[np.ndarray, np.ndarray] | None = None,
+        remove: Iterable[int] | None = None,
+    ) -> tuple[int, int]:
+        """One atomic batch: add/replace `to_new` in NEW (removing those ids from OLD), add `to_old` to OLD
+        except ids NEW already holds, and remove `remove` from both. Returns (added to new, added to old)."""
+        n_new = n_old = 0
+        with self.lock.write():
+            if remove is not None:
+                rm = _as_ids(remove)
+                if rm.size:
+                    for side in (self.new, self.old):
+                        if side is not None:
+                            side.remove(rm)
+            if to_new is not None and to_new[0].size and self.new is not None:
+                ids, vecs = to_new
+                if self.old is not None:
+                    self.old.remove(ids)
+                self.new.add(ids, vecs)
+                n_new = int(ids.size)
+            if to_old is not None and to_old[0].size and self.old is not None:
+                ids, vecs = to_old
+                new_side = self.new
+                keep = np.array([new_side is None or int(i) not in new_side for i in ids], dtype=bool)
+                if keep.any():
+                    self.old.add(ids[keep], vecs[keep])
+                n_old = int(keep.sum())
+        return n_new, n_old
+
+    # --- reads (queries) -----------------------------------------------------------------------------
+    def search(
+        self, q_new: np.ndarray, q_old: np.ndarray | None, k: int
+    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+        """Search NEW with `q_new` and OLD with `q_old` under one read lock (a consistent snapshot)."""
+        with self.lock.read():
+            new_hits = (
+                self.new.search(q_new, k)
+                if self.new is not None
+                else (np.full((len(q_new), k), np.inf, np.float32), np.full((len(q_new), k), -1, np.int64))
+            )
+            old_hits = None
+            if self.old is not None and q_old is not None:
+                old_hits = self.old.search(q_old, k)
+            return new_hits, old_hits
+
+
+class IndexManager:
+    """Holds the current `IndexSet`; a layout change swaps in a freshly built one (a reference swap)."""
+
+    def __init__(self) -> None:
+        self._current: IndexSet | None = None
+        self.external_ids: dict[int, str] = {}  # item id -> external id (immutable once assigned)
+
+    @property
+    def current(self) -> IndexSet | None:
+        return self._current
+
+    def swap(self, new_set: IndexSet) -> IndexSet | None:
+        old, self._current = self._current, new_set
+        return old
+
+
+def make_side(dim: int, factory: str, space: str, use_gpu: bool) -> VectorIndex:
+    return VectorIndex(dim, factory, space=space, use_gpu=use_gpu)

@@ -1,0 +1,344 @@
+"""Follow the embeddings table into the in-memory indices (DESIGN.md, "Ingest").
+
+A `Follower` thread polls every `ingest_poll_seconds` and wakes early on any Redis event. Each cycle it
+re-reads the layout (serving model + active rollout) in one statement; a changed layout means a full
+rebuild into a fresh `IndexSet`, swapped in when caught up. Otherwise it reads the embedding rows past
+its cursor and applies them in atomic batches (a target-model row moves its item from OLD to NEW).
+
+Out-of-order commits: `seq` is assigned at insert, so a transaction can commit a lower seq after a
+higher one was read. The cursor remembers every seq it skipped over (a gap) and keeps asking for it
+until it shows up or `gap_grace_seconds` pass (a rolled-back insert or a deleted row never shows up).
+
+Deletes: `items.deleted_seq` is `max(deleted_seq) + 1` at delete time; the cursor re-reads a window of
+`DELETE_LOOKBACK` below its delete watermark each cycle so concurrent deletes cannot slip past.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import events
+from service.db.models import Embedding, Item, ModelVersion, Rollout
+from service.index import IndexManager, IndexSet, Layout, VectorIndex
+from service.metrics import INDEX_VECTORS, INGESTED_TOTAL, INGESTION_LAG_SECONDS, SERVING_INFO
+
+log = logging.getLogger(__name__)
+
+GAP_GRACE_SECONDS = 120.0
+GAP_WINDOW = 10_000  # seqs further than this below a newly seen one are not tracked as gaps
+GAP_IN_LIST_MAX = 2_000
+DELETE_LOOKBACK = 1_000
+
+
+def read_layout(session: Session) -> Layout:
+    """Serving model and active rollout, read in ONE statement so a completion committing in between
+    cannot produce a mixed view."""
+    row = session.execute(
+        sa.select(ModelVersion.name, Rollout.id, Rollout.from_version, Rollout.to_version, Rollout.mode)
+        .select_from(ModelVersion)
+        .outerjoin(Rollout, Rollout.active_lock == 1)
+        .where(ModelVersion.status == "serving")
+        .limit(1)
+    ).first()
+    if row is None:
+        return Layout(serving=None)
+    serving, rid, src, dst, mode = row
+    if rid is None:
+        return Layout(serving=serving)
+    return Layout(serving=serving, rollout_id=int(rid), from_model=src, to_model=dst, mode=mode)
+
+
+@dataclass
+class Cursor:
+    """Ingestion watermark over `embeddings.seq` with gap tracking, plus the delete watermark."""
+
+    hw: int = 0
+    gaps: dict[int, float] = field(default_factory=dict)  # seq -> monotonic time first seen missing
+    del_hw: int = 0
+    grace_seconds: float = GAP_GRACE_SECONDS
+
+    def observe(self, seqs: list[int], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for s in sorted(seqs):
+            if s <= self.hw:
+                self.gaps.pop(s, None)
+                continue
+            for g in range(max(self.hw + 1, s - GAP_WINDOW), s):
+                self.gaps[g] = now
+            self.hw = s
+
+    def expire(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        old = [s for s, t in self.gaps.items() if now - t > self.grace_seconds]
+        for s in old:
+            del self.gaps[s]
+        return len(old)
+
+    def where(self) -> Any:
+        """SQL filter for rows not yet seen: past the watermark, or a still-open gap."""
+        after = Embedding.seq > self.hw
+        if not self.gaps:
+            return after
+        if len(self.gaps) <= GAP_IN_LIST_MAX:
+            return sa.or_(after, Embedding.seq.in_(sorted(self.gaps)))
+        return Embedding.seq >= min(self.gaps)  # rows already seen are skipped by `unseen`
+
+    def unseen(self, seq: int) -> bool:
+        return seq > self.hw or seq in self.gaps
+
+
+class Follower:
+    """Keeps `manager.current` in step with the database; one background thread plus a pub/sub thread."""
+
+    def __init__(
+        self,
+        sm: sessionmaker[Session],
+        manager: IndexManager,
+        *,
+        factory: str,
+        use_gpu: bool,
+        batch_size: int,
+        poll_seconds: float,
+        forward: Callable[[str, str, np.ndarray], np.ndarray],
+        r: redis.Redis | None = None,
+        gap_grace_seconds: float = GAP_GRACE_SECONDS,
+    ) -> None:
+        self.sm = sm
+        self.manager = manager
+        self.factory = factory
+        self.use_gpu = use_gpu
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.forward = forward  # (from, to, old vectors) -> h(old vectors)
+        self.redis = r
+        self.gap_grace_seconds = gap_grace_seconds
+        self.cursor = Cursor(grace_seconds=gap_grace_seconds)
+        self.ready = threading.Event()
+        self.last_error: str | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._cycle = threading.Condition()
+        self._started = 0
+        self._done = 0
+        self._threads: list[threading.Thread] = []
+        self._pubsub: Any = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        t = threading.Thread(target=self._run, name="ingest-follower", daemon=True)
+        t.start()
+        self._threads.append(t)
+        if self.redis is not None:
+            p = threading.Thread(target=self._listen, name="ingest-events", daemon=True)
+            p.start()
+            self._threads.append(p)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def sync_and_wait(self, timeout: float = 10.0) -> bool:
+        """Wake the follower and wait for a whole cycle that started after this call (read-your-writes
+        for this process). Returns False on timeout."""
+        with self._cycle:
+            target = self._started + 1
+            self._wake.set()
+            return self._cycle.wait_for(lambda: self._done >= target, timeout)
+
+    def _run(self) -> None:
+        backoff = self.poll_seconds
+        while not self._stop.is_set():
+            self._wake.clear()
+            with self._cycle:
+                self._started += 1
+                me = self._started
+            try:
+                self.sync_once()
+                self.last_error = None
+                backoff = self.poll_seconds
+            except Exception as e:  # DB down, a bad artifact: keep serving what we have, retry
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("ingestion cycle failed; retrying")
+                backoff = min(max(backoff * 2, self.poll_seconds), 10.0)
+            finally:
+                with self._cycle:
+                    self._done = me
+                    self._cycle.notify_all()
+            self._wake.wait(backoff if self.last_error else self.poll_seconds)
+
+    def _listen(self) -> None:
+        assert self.redis is not None
+        while not self._stop.is_set():
+            try:
+                ps = self.redis.pubsub(ignore_subscribe_messages=True)
+                self._pubsub = ps
+                ps.subscribe(events.CHANNEL)
+                while not self._stop.is_set():
+                    if ps.get_message(timeout=0.2) is not None:
+                        self._wake.set()
+            except (redis.RedisError, OSError, ValueError) as e:
+                if self._stop.is_set():
+                    break
+                log.warning("event subscription lost (%s); polling only until it reconnects", e)
+                self._stop.wait(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    self._pubsub.close()
+
+    # --- one cycle -----------------------------------------------------------------------------------
+    def sync_once(self) -> None:
+        with self.sm() as s:
+            layout = read_layout(s)
+        current = self.manager.current
+        if current is None or current.layout != layout:
+            self.rebuild(layout)
+        else:
+            self._catch_up(current, self.cursor, metrics=True)
+        self.ready.set()
+        self._export_metrics()
+
+    def rebuild(self, layout: Layout) -> IndexSet:
+        """Build a fresh IndexSet for `layout` from the embeddings table, then swap it in."""
+        t0 = time.monotonic()
+        cursor = Cursor(grace_seconds=self.gap_grace_seconds)
+        with self.sm() as s:
+            dims = dict(s.execute(sa.select(ModelVersion.name, ModelVersion.dim)).tuples().all())
+            cursor.del_hw = int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(Item.deleted_seq), 0))) or 0)
+        new = old = None
+        if layout.query_model is not None:
+            new = VectorIndex(
+                dims[layout.query_model], self.factory, space=str(layout.new_space), use_gpu=self.use_gpu
+            )
+        if layout.in_rollout:
+            old_dim = dims[str(layout.to_model)] if layout.mode == "forward" else dims[str(layout.from_model)]
+            old = VectorIndex(old_dim, self.factory, space=str(layout.old_space), use_gpu=self.use_gpu)
+        ix = IndexSet(layout=layout, new=new, old=old)
+        self._catch_up(ix, cursor, metrics=False)
+        previous = self.manager.swap(ix)
+        self.cursor = cursor
+        SERVING_INFO.clear()
+        if layout.query_model is not None:
+            SERVING_INFO.labels(
+                model=layout.query_model,
+                rollout_id=str(layout.rollout_id or "none"),
+                mode=layout.mode or "none",
+            ).set(1)
+        log.info(
+            "indices rebuilt for %s in %.2fs (new=%d old=%d; previous layout %s)",
+            layout,
+            time.monotonic() - t0,
+            len(new or ()),
+            len(old or ()),
+            previous.layout if previous else None,
+        )
+        return ix
+
+    def _catch_up(self, ix: IndexSet, cursor: Cursor, metrics: bool) -> None:
+        while self._ingest_batch(ix, cursor, metrics) >= self.batch_size:
+            pass
+        self._apply_deletes(ix, cursor)
+        cursor.expire()
+
+    def _ingest_batch(self, ix: IndexSet, cursor: Cursor, metrics: bool) -> int:
+        layout = ix.layout
+        stmt = (
+            sa.select(
+                Embedding.seq,
+                Embedding.item_id,
+                Embedding.model_version,
+                Embedding.vector,
+                Embedding.created_at,
+                Item.external_id,
+                Item.deleted_at,
+            )
+            .join(Item, Item.id == Embedding.item_id)
+            .where(cursor.where())
+            .order_by(Embedding.seq)
+            .limit(self.batch_size)
+        )
+        with self.sm() as s:
+            rows = [r for r in s.execute(stmt).all() if cursor.unseen(int(r.seq))]
+        if not rows:
+            return 0
+        new_model = layout.query_model
+        old_model = layout.from_model if layout.in_rollout else None
+        new_ids: list[int] = []
+        new_vecs: list[np.ndarray] = []
+        old_ids: list[int] = []
+        old_vecs: list[np.ndarray] = []
+        newest = None
+        for r in rows:
+            if r.deleted_at is not None:
+                continue
+            if r.model_version == new_model and ix.new is not None:
+                ids, vecs, dim = new_ids, new_vecs, ix.new.dim
+            elif old_model is not None and r.model_version == old_model and ix.old is not None:
+                ids, vecs = old_ids, old_vecs
+                dim = ix.old.dim if layout.mode != "forward" else -1
+            else:
+                continue
+            v = np.frombuffer(r.vector, dtype="<f4")
+            if dim >= 0 and v.shape[0] != dim:
+                log.error("embedding seq %s has %d values, expected %d; skipped", r.seq, v.shape[0], dim)
+                continue
+            self.manager.external_ids[int(r.item_id)] = r.external_id
+            ids.append(int(r.item_id))
+            vecs.append(v)
+            newest = r.created_at if newest is None or r.created_at > newest else newest
+        to_new = to_old = None
+        if new_ids:
+            to_new = (np.asarray(new_ids, np.int64), np.stack(new_vecs).astype(np.float32))
+        if old_ids:
+            ov = np.stack(old_vecs).astype(np.float32)
+            if layout.mode == "forward":
+                ov = self.forward(str(layout.from_model), str(layout.to_model), ov)
+            to_old = (np.asarray(old_ids, np.int64), ov)
+        n_new, n_old = ix.apply(to_new=to_new, to_old=to_old)
+        cursor.observe([int(r.seq) for r in rows])
+        if metrics:
+            if n_new:
+                INGESTED_TOTAL.labels(side="new").inc(n_new)
+            if n_old:
+                INGESTED_TOTAL.labels(side="old").inc(n_old)
+            if newest is not None:
+                created = newest if newest.tzinfo is not None else newest.replace(tzinfo=dt.UTC)
+                INGESTION_LAG_SECONDS.set(max(0.0, time.time() - created.timestamp()))
+        return len(rows)
+
+    def _apply_deletes(self, ix: IndexSet, cursor: Cursor) -> None:
+        with self.sm() as s:
+            rows = s.execute(
+                sa.select(Item.id, Item.deleted_seq).where(
+                    Item.deleted_seq.is_not(None), Item.deleted_seq > cursor.del_hw - DELETE_LOOKBACK
+                )
+            ).all()
+        if not rows:
+            return
+        gone = [int(i) for i, _ in rows]
+        ix.apply(remove=gone)
+        cursor.del_hw = max(cursor.del_hw, *(int(d or 0) for _, d in rows))
+
+    def _export_metrics(self) -> None:
+        ix = self.manager.current
+        if ix is None:
+            return
+        sides = ix.sides()
+        INDEX_VECTORS.labels(side="new").set(sides["new"])
+        INDEX_VECTORS.labels(side="old").set(sides["old"])

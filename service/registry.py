@@ -1,0 +1,148 @@
+"""Register the artifacts of a directory as model versions and compatibility packs (idempotent).
+
+A model whose name is already registered with another checksum is left alone and reported: its stored
+embeddings were computed by the registered artifact, so silently swapping the file would mix spaces.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models.artifacts import ArtifactError, _read_manifest, artifact_checksum, discover
+from service.db.models import CompatPack, ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RegisterResult:
+    added: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)  # same checksum, moved directory
+    conflicts: list[str] = field(default_factory=list)
+    serving: str | None = None
+
+
+def _register_once(session: Session, artifacts_dir: Path, default_model: str | None) -> RegisterResult:
+    res = RegisterResult()
+    encoders, packs = discover(artifacts_dir)
+    for name, directory in encoders.items():
+        manifest = _read_manifest(directory)
+        checksum = artifact_checksum(directory)
+        row = session.get(ModelVersion, name)
+        if row is None:
+            session.add(
+                ModelVersion(
+                    name=name,
+                    dim=int(manifest["dim"]),
+                    artifact_path=str(directory.resolve()),
+                    checksum=checksum,
+                    status="registered",
+                    manifest=manifest,
+                )
+            )
+            res.added.append(name)
+        elif row.checksum != checksum:
+            res.conflicts.append(name)
+            log.warning(
+                "model %s: %s differs from the registered artifact; not re-registered", name, directory
+            )
+        elif row.artifact_path != str(directory.resolve()):
+            row.artifact_path = str(directory.resolve())
+            res.updated.append(name)
+        else:
+            res.unchanged.append(name)
+    session.flush()
+    for (src, dst), directory in packs.items():
+        label = f"compat-{src}-{dst}"
+        if session.get(ModelVersion, src) is None or session.get(ModelVersion, dst) is None:
+            log.warning("%s skipped: both models must be registered", label)
+            continue
+        checksum = artifact_checksum(directory)
+        pack = session.scalars(
+            sa.select(CompatPack).where(CompatPack.from_version == src, CompatPack.to_version == dst)
+        ).first()
+        if pack is None:
+            session.add(
+                CompatPack(
+                    from_version=src,
+                    to_version=dst,
+                    artifact_path=str(directory.resolve()),
+                    checksum=checksum,
+                    manifest=_read_manifest(directory),
+                )
+            )
+            res.added.append(label)
+        elif pack.checksum != checksum:
+            # A retrained pack for the same pair is safe to swap (it only maps vectors at query time).
+            pack.artifact_path = str(directory.resolve())
+            pack.checksum = checksum
+            pack.manifest = _read_manifest(directory)
+            res.updated.append(label)
+        elif pack.artifact_path != str(directory.resolve()):
+            pack.artifact_path = str(directory.resolve())
+            res.updated.append(label)
+        else:
+            res.unchanged.append(label)
+    session.flush()
+    serving = session.scalars(sa.select(ModelVersion).where(ModelVersion.status == "serving")).first()
+    if serving is None and default_model and session.get(ModelVersion, default_model) is not None:
+        session.get(ModelVersion, default_model).status = "serving"  # type: ignore[union-attr]
+        res.serving = default_model
+    else:
+        res.serving = serving.name if serving is not None else None
+    session.commit()
+    return res
+
+
+def register_artifacts(
+    session: Session, artifacts_dir: Path, default_model: str | None = None
+) -> RegisterResult:
+    """Register every encoder and compat pack under `artifacts_dir`; make `default_model` serving when no
+    model serves yet. Safe to run concurrently from several processes (a lost insert race is retried)."""
+    try:
+        return _register_once(session, artifacts_dir, default_model)
+    except IntegrityError:
+        session.rollback()
+        return _register_once(session, artifacts_dir, default_model)
+    except ArtifactError:
+        session.rollback()
+        raise
+
+
+def list_models(session: Session) -> dict[str, list[dict[str, object]]]:
+    """The GET /models body: model versions and compat packs."""
+    models = session.scalars(
+        sa.select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.name)
+    ).all()
+    packs = session.scalars(sa.select(CompatPack).order_by(CompatPack.id)).all()
+    return {
+        "models": [
+            {
+                "name": m.name,
+                "dim": m.dim,
+                "status": m.status,
+                "checksum": m.checksum,
+                "artifact_path": m.artifact_path,
+                "metrics": (m.manifest or {}).get("metrics"),
+            }
+            for m in models
+        ],
+        "compat_packs": [
+            {
+                "from": p.from_version,
+                "to": p.to_version,
+                "checksum": p.checksum,
+                "artifact_path": p.artifact_path,
+                "metrics": (p.manifest or {}).get("metrics"),
+                "calibrated_modes": sorted(((p.manifest or {}).get("calibration") or {}).keys()),
+            }
+            for p in packs
+        ],
+    }

@@ -1,0 +1,241 @@
+"""The process's typed state (engine, sessionmaker, redis, encoders, compat packs, indices, follower) and
+the query path over it. No HTTP here: `service.api` turns it into endpoints.
+
+Start-up (`Runtime.start`): on SQLite migrate to head; register the artifacts directory; start the
+ingestion follower, whose first cycle builds the indices from the embeddings table (`/readyz` answers 503
+until it has). The follower re-reads the layout (serving model + active rollout) on every poll and on
+every Redis event, so a rollout's start, completion or abort reaches every API process without a call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import sqlalchemy as sa
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.artifacts import CompatPack, Encoder, load_compat, load_encoder, pick_device
+from service.config import Settings
+from service.db import make_engine, make_sessionmaker
+from service.db.models import CompatPack as CompatPackRow
+from service.db.models import ModelVersion
+from service.index import IndexManager, IndexSet, Layout
+from service.ingest import Follower
+from service.merge import Hit, merge_topk
+from service.metrics import SEARCH_STAGE_SECONDS
+from service.redis_conn import make_redis
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The indices are not built yet, or no model is serving."""
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        SEARCH_STAGE_SECONDS.labels(stage=name).observe(time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    distance: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Serving:
+    model: str | None
+    rollout_id: int | None
+    backfilled_fraction: float
+    mode: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "rollout_id": self.rollout_id,
+            "backfilled_fraction": self.backfilled_fraction,
+            "mode": self.mode,
+        }
+
+
+def serving_of(ix: IndexSet) -> Serving:
+    lay = ix.layout
+    return Serving(lay.query_model, lay.rollout_id, round(ix.backfilled_fraction(), 9), lay.mode)
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler needs, built once per process by the app's lifespan."""
+
+    settings: Settings
+    engine: Engine
+    sessionmaker: sessionmaker[Session]
+    redis: redis.Redis
+    manager: IndexManager
+    device: str
+    follower: Follower | None = None
+    encoders: dict[str, Encoder] = field(default_factory=dict)
+    packs: dict[tuple[str, str], CompatPack] = field(default_factory=dict)
+    _load_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, settings: Settings) -> Runtime:
+        engine = make_engine(settings)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessionmaker=make_sessionmaker(engine),
+            redis=make_redis(settings),
+            manager=IndexManager(),
+            device=pick_device(settings.use_gpu),
+        )
+
+    def start(self, *, register: bool = True, follow: bool = True) -> None:
+        from service.registry import register_artifacts
+
+        if self.settings.is_sqlite:
+            from service.db.migrate import upgrade_head
+
+            upgrade_head(self.settings)
+        if register:
+            with self.sessionmaker() as s:
+                res = register_artifacts(s, self.settings.artifacts_dir, self.settings.default_model)
+            log.info("artifacts: added %s, serving %s", res.added, res.serving)
+        self.preload_encoders()
+        self.follower = Follower(
+            self.sessionmaker,
+            self.manager,
+            factory=self.settings.index_factory,
+            use_gpu=self.settings.use_gpu,
+            batch_size=self.settings.rebuild_batch_size,
+            poll_seconds=self.settings.ingest_poll_seconds,
+            forward=self.forward,
+            r=self.redis,
+        )
+        if follow:
+            self.follower.start()
+
+    def stop(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+        with contextlib.suppress(Exception):
+            self.redis.close()
+        self.engine.dispose()
+
+    @property
+    def ready(self) -> bool:
+        return self.follower is not None and self.follower.ready.is_set() and self.manager.current is not None
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        return self.follower is not None and self.follower.ready.wait(timeout)
+
+    # --- models --------------------------------------------------------------------------------------
+    def preload_encoders(self) -> None:
+        """Load every non-retired registered encoder once (the query path never loads a file)."""
+        with self.sessionmaker() as s:
+            names = s.scalars(sa.select(ModelVersion.name).where(ModelVersion.status != "retired")).all()
+        for name in names:
+            try:
+                self.encoder(name)
+            except Exception as e:
+                log.error("cannot load model %s: %s", name, e)
+
+    def encoder(self, name: str) -> Encoder:
+        enc = self.encoders.get(name)
+        if enc is not None:
+            return enc
+        with self._load_lock:
+            if name not in self.encoders:
+                with self.sessionmaker() as s:
+                    row = s.get(ModelVersion, name)
+                    if row is None:
+                        raise NotReady(f"model {name!r} is not registered")
+                    path = Path(row.artifact_path)
+                self.encoders[name] = load_encoder(path, self.device)
+            return self.encoders[name]
+
+    def compat(self, src: str, dst: str) -> CompatPack:
+        pack = self.packs.get((src, dst))
+        if pack is not None:
+            return pack
+        with self._load_lock:
+            if (src, dst) not in self.packs:
+                with self.sessionmaker() as s:
+                    row = s.scalars(
+                        sa.select(CompatPackRow).where(
+                            CompatPackRow.from_version == src, CompatPackRow.to_version == dst
+                        )
+                    ).first()
+                    if row is None:
+                        raise NotReady(f"no compat pack {src} -> {dst} is registered")
+                    path = Path(row.artifact_path)
+                self.packs[(src, dst)] = load_compat(path, self.device)
+            return self.packs[(src, dst)]
+
+    def forward(self, src: str, dst: str, old_vecs: np.ndarray) -> np.ndarray:
+        return self.compat(src, dst).forward(old_vecs)
+
+    # --- query path ----------------------------------------------------------------------------------
+    def current(self) -> IndexSet:
+        ix = self.manager.current
+        if ix is None or not self.ready:
+            raise NotReady("indices are still loading")
+        if ix.layout.query_model is None:
+            raise NotReady("no model is serving; register artifacts (`backfill models register DIR`)")
+        return ix
+
+    def encode_queries(self, layout: Layout, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """ONE forward pass of the query model; psi (a small MLP) only for a reverse-mode OLD side."""
+        q = self.encoder(str(layout.query_model)).embed(images)
+        if not layout.in_rollout:
+            return q, None
+        if layout.mode == "reverse":
+            return q, self.compat(str(layout.from_model), str(layout.to_model)).reverse(q)
+        return q, q
+
+    def search(self, images: np.ndarray, k: int) -> tuple[list[list[SearchHit]], Serving]:
+        """(N, 28, 28) uint8 query images -> per query the k nearest live items, and serving info."""
+        ix = self.current()  # one reference: encoding and search agree on the layout even across a swap
+        lay = ix.layout
+        with stage("encode"):
+            q_new, q_old = self.encode_queries(lay, images)
+        return self.search_vectors(ix, q_new, q_old, k)
+
+    def search_vectors(
+        self, ix: IndexSet, q_new: np.ndarray, q_old: np.ndarray | None, k: int
+    ) -> tuple[list[list[SearchHit]], Serving]:
+        lay = ix.layout
+        with stage("search"):
+            (nd, ni), old = ix.search(q_new, q_old, k)
+        with stage("merge"):
+            od = oi = None
+            if old is not None:
+                od, oi = old
+                pack = self.compat(str(lay.from_model), str(lay.to_model))
+                od = pack.calibrate(str(lay.mode), od)  # empty slots (id -1) are dropped by the merge
+            merged = merge_topk(nd, ni, od, oi, k)
+            ext = self.manager.external_ids
+            results = [[_hit(h, ext) for h in row if h.item_id in ext] for row in merged]
+        return results, serving_of(ix)
+
+
+def _hit(h: Hit, ext: dict[int, str]) -> SearchHit:
+    return SearchHit(ext[h.item_id], h.distance, h.source)

@@ -1,0 +1,201 @@
+"""The ingestion follower on real Postgres + Redis: out-of-order commits, deletes, and invariant 1 while
+items move from OLD to NEW under concurrent searches."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import events
+from service.config import Settings
+from service.db import make_engine, make_sessionmaker
+from service.db.models import Embedding, Item, ModelVersion, Rollout
+from service.index import IndexManager
+from service.ingest import Follower
+from service.redis_conn import make_redis
+
+pytestmark = pytest.mark.integration
+
+D1, D2 = 8, 12
+
+
+@pytest.fixture
+def sm(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(settings)
+    factory = make_sessionmaker(engine)
+    with factory() as s:
+        s.add_all(
+            [
+                ModelVersion(name="v1", dim=D1, artifact_path="-", checksum="a", status="serving"),
+                ModelVersion(name="v2", dim=D2, artifact_path="-", checksum="b", status="registered"),
+            ]
+        )
+        s.commit()
+    yield factory
+    engine.dispose()
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def add_items(s: Session, n: int, vecs: np.ndarray, prefix: str = "i") -> list[int]:
+    items = [Item(external_id=f"{prefix}{j}", payload=b"x") for j in range(n)]
+    s.add_all(items)
+    s.flush()
+    s.execute(
+        sa.insert(Embedding),
+        [
+            {"item_id": it.id, "model_version": "v1", "vector": vecs[j].tobytes()}
+            for j, it in enumerate(items)
+        ],
+    )
+    return [it.id for it in items]
+
+
+def follower(sm: sessionmaker[Session], **kw: object) -> tuple[Follower, IndexManager]:
+    manager = IndexManager()
+    f = Follower(
+        sm,
+        manager,
+        factory="Flat",
+        use_gpu=False,
+        batch_size=int(kw.pop("batch_size", 100)),  # type: ignore[call-overload]
+        poll_seconds=float(kw.pop("poll_seconds", 0.05)),
+        forward=lambda a, b, v: v,
+        **kw,
+    )  # type: ignore[arg-type]
+    return f, manager
+
+
+def test_out_of_order_commit_is_not_skipped(sm: sessionmaker[Session]) -> None:
+    rng = np.random.default_rng(0)
+    f, manager = follower(sm)
+    vecs = unit(rng, 3, D1)
+    with sm() as s:
+        add_items(s, 1, vecs[:1], "a")
+        s.commit()
+    f.sync_once()
+    slow, fast = sm(), sm()
+    slow_ids = add_items(slow, 1, vecs[1:2], "slow")  # seq allocated first, committed last
+    fast_ids = add_items(fast, 1, vecs[2:3], "fast")
+    fast.commit()
+    f.sync_once()
+    ix = manager.current
+    assert ix is not None and ix.side_of(fast_ids[0]) == "new" and ix.side_of(slow_ids[0]) is None
+    assert f.cursor.gaps  # the slow seq is remembered
+    slow.commit()
+    f.sync_once()
+    assert ix.side_of(slow_ids[0]) == "new" and not f.cursor.gaps
+    slow.close()
+    fast.close()
+
+
+def test_deletes_and_rolled_back_gaps(sm: sessionmaker[Session]) -> None:
+    rng = np.random.default_rng(1)
+    f, manager = follower(sm, gap_grace_seconds=0.0)
+    with sm() as s:
+        ids = add_items(s, 5, unit(rng, 5, D1))
+        s.commit()
+    with sm() as s:  # a rolled-back insert leaves a permanent hole in the sequence
+        add_items(s, 1, unit(rng, 1, D1), "rb")
+        s.rollback()
+    with sm() as s:
+        more = add_items(s, 1, unit(rng, 1, D1), "late")
+        s.commit()
+    f.sync_once()
+    f.sync_once()
+    assert not f.cursor.gaps  # expired (grace 0)
+    ix = manager.current
+    assert ix is not None and ix.sides()["new"] == 6 and ix.side_of(more[0]) == "new"
+    from service.gallery import delete_item
+
+    with sm() as s:
+        delete_item(s, "i2")
+    f.sync_once()
+    assert ix.side_of(ids[2]) is None and ix.sides()["new"] == 5
+
+
+def test_every_live_item_found_exactly_once_during_ingestion(
+    sm: sessionmaker[Session], settings: Settings
+) -> None:
+    """Invariant 1: the follower (woken by Redis events) moves items OLD -> NEW as a writer commits v2
+    embeddings in batches, while reader threads search with each item's own vectors."""
+    rng = np.random.default_rng(2)
+    n = 600
+    v1, v2 = unit(rng, n, D1), unit(rng, n, D2)
+    with sm() as s:
+        ids = add_items(s, n, v1)
+        s.add(
+            Rollout(
+                from_version="v1",
+                to_version="v2",
+                mode="reverse",
+                policy="fifo",
+                status="running",
+                batch_size=20,
+                active_lock=1,
+            )
+        )
+        s.commit()
+    r = make_redis(settings)
+    f, manager = follower(sm, r=r, poll_seconds=0.5)
+    f.start()
+    try:
+        assert f.ready.wait(10)
+        ix = manager.current
+        assert ix is not None and ix.sides() == {"new": 0, "old": n}
+        id_arr = np.asarray(ids)
+        stop = threading.Event()
+        failures: list[str] = []
+        count = [0]
+
+        def reader(seed: int) -> None:
+            g = np.random.default_rng(seed)
+            while not stop.is_set():
+                j = g.integers(0, n, size=16)
+                cur = manager.current
+                assert cur is not None
+                (_nd, ni), old = cur.search(v2[j], v1[j], 3)
+                assert old is not None
+                for row, item in enumerate(id_arr[j]):
+                    c = ni[row].tolist().count(item) + old[1][row].tolist().count(item)
+                    if c != 1:
+                        failures.append(f"item {item}: {c}")
+                count[0] += 1
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        order = rng.permutation(n)
+        for b in range(0, n, 40):
+            with sm() as s:
+                s.execute(
+                    sa.insert(Embedding),
+                    [
+                        {"item_id": ids[j], "model_version": "v2", "vector": v2[j].tobytes()}
+                        for j in order[b : b + 40]
+                    ],
+                )
+                s.commit()
+            events.publish(r, events.EMBEDDINGS)
+            time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while ix.sides()["new"] < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:5]
+        assert count[0] > 3
+        assert ix.sides() == {"new": n, "old": 0} and ix.backfilled_fraction() == 1.0
+    finally:
+        f.stop()
+        r.close()
