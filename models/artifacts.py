@@ -97,8 +97,7 @@ class Encoder:
         """Images (N, 28, 28) uint8 / [0, 1] floats, or (N, 1, 28, 28) -> (N, dim) float32."""
         x = _to_input(images)
         out = [
-            self.module(x[i : i + batch_size].to(self.device)).float().cpu()
-            for i in range(0, x.shape[0], batch_size)
+            self.module(x[i : i + batch_size].to(self.device)).float().cpu() for i in range(0, x.shape[0], batch_size)
         ]
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -43,9 +43,7 @@ class Settings(BaseSettings):
     )
     artifacts_dir: Path = Field(REPO_ROOT / "artifacts", description="Model and compat-pack artifacts.")
     default_model: str = Field("v1", description="Serving model of an empty database.")
-    fashion_mnist_dir: Path = Field(
-        Path("/usr/share/datasets/fashion-mnist"), description="Fashion-MNIST IDX files."
-    )
+    fashion_mnist_dir: Path = Field(Path("/usr/share/datasets/fashion-mnist"), description="Fashion-MNIST IDX files.")
     index_factory: str = Field("Flat", description="FAISS index factory string (Flat, IVF1024,Flat, HNSW32).")
     use_gpu: bool = Field(True, description="Use faiss-gpu / CUDA when present.")
     max_k: int = Field(100, ge=1, le=10_000, description="Largest k a search may ask for.")

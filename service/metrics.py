@@ -22,7 +22,9 @@ HTTP_REQUESTS_TOTAL = Counter(
     "backfill_http_requests_total", "HTTP requests by route template and status code.", ["route", "status"]
 )
 HTTP_REQUEST_SECONDS = Histogram(
-    "backfill_http_request_seconds", "HTTP request latency by route template.", ["route"],
+    "backfill_http_request_seconds",
+    "HTTP request latency by route template.",
+    ["route"],
     buckets=LATENCY_BUCKETS,
 )
 INDEX_VECTORS = Gauge(
@@ -41,16 +43,16 @@ SERVING_INFO = Gauge(
     multiprocess_mode="livemax",
 )
 ROLLOUT_PROGRESS_RATIO = Gauge(
-    "backfill_rollout_progress_ratio", "Fraction of the active rollout's tasks done.",
+    "backfill_rollout_progress_ratio",
+    "Fraction of the active rollout's tasks done.",
     multiprocess_mode="livemax",
 )
 ROLLOUT_PENDING = Gauge(
-    "backfill_rollout_pending_items", "Tasks of the active rollout not yet done or failed.",
+    "backfill_rollout_pending_items",
+    "Tasks of the active rollout not yet done or failed.",
     multiprocess_mode="livemax",
 )
-ROLLOUT_TOTAL = Gauge(
-    "backfill_rollout_total_items", "Tasks of the active rollout.", multiprocess_mode="livemax"
-)
+ROLLOUT_TOTAL = Gauge("backfill_rollout_total_items", "Tasks of the active rollout.", multiprocess_mode="livemax")
 ROLLOUT_DONE = Gauge("backfill_rollout_done_items", "Tasks done.", multiprocess_mode="livemax")
 ROLLOUT_FAILED = Gauge("backfill_rollout_failed_items", "Tasks failed.", multiprocess_mode="livemax")
 ROLLOUT_ITEMS_PER_SECOND = Gauge(
@@ -61,14 +63,12 @@ ROLLOUT_ETA_SECONDS = Gauge(
 )
 
 # --- Worker ------------------------------------------------------------------------------------------
-WORKER_ITEMS_TOTAL = Counter(
-    "backfill_worker_items_total", "Items backfilled (embedding committed).", ["model"]
-)
-WORKER_FAILURES_TOTAL = Counter(
-    "backfill_worker_failures_total", "Item failures (an attempt that raised).", ["model"]
-)
+WORKER_ITEMS_TOTAL = Counter("backfill_worker_items_total", "Items backfilled (embedding committed).", ["model"])
+WORKER_FAILURES_TOTAL = Counter("backfill_worker_failures_total", "Item failures (an attempt that raised).", ["model"])
 WORKER_BATCH_SECONDS = Histogram(
-    "backfill_worker_batch_seconds", "Backfill batch duration (claim to commit).", ["model"],
+    "backfill_worker_batch_seconds",
+    "Backfill batch duration (claim to commit).",
+    ["model"],
     buckets=BATCH_BUCKETS,
 )
 WORKER_CLAIM_SECONDS = Histogram(
@@ -80,7 +80,7 @@ def registry() -> CollectorRegistry:
     """The registry to expose: a multiprocess collector when PROMETHEUS_MULTIPROC_DIR is set."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         reg = CollectorRegistry()
-        multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]
+        multiprocess.MultiProcessCollector(reg)
         return reg
     from prometheus_client import REGISTRY
 

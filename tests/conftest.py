@@ -21,9 +21,7 @@ from sqlalchemy.engine import make_url
 from service.config import Settings
 from service.db.models import Base
 
-TEST_DB_URL = os.environ.get(
-    "BACKFILL_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+TEST_DB_URL = os.environ.get("BACKFILL_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("BACKFILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

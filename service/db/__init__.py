@@ -3,8 +3,8 @@ of truth; FAISS indices and Redis queues are derived from it."""
 
 from service.db.models import (
     ACTIVE_ROLLOUT_STATES,
-    Base,
     BackfillTask,
+    Base,
     CompatPack,
     Embedding,
     Item,

@@ -143,9 +143,7 @@ class Rollout(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('planning', 'running', 'paused', 'completed', 'aborted', 'failed')", name="status"
-        ),
+        CheckConstraint("status IN ('planning', 'running', 'paused', 'completed', 'aborted', 'failed')", name="status"),
         CheckConstraint("mode IN ('reverse', 'forward')", name="mode"),
         CheckConstraint("policy IN ('uncertainty', 'random', 'fifo')", name="policy"),
         CheckConstraint("active_lock IS NULL OR active_lock = 1", name="active_lock"),

@@ -31,9 +31,22 @@ def test_rq_job_runs_in_another_process(tmp_path: Path, monkeypatch: pytest.Monk
     job = q.enqueue("os.getpid")
     env = {**os.environ, "BACKFILL_REDIS_URL": url}
     proc = subprocess.run(
-        [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", url, "--worker-class",
-         "rq.worker.SimpleWorker", "embedded-test"],
-        env=env, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "rq.cli",
+            "worker",
+            "--burst",
+            "--url",
+            url,
+            "--worker-class",
+            "rq.worker.SimpleWorker",
+            "embedded-test",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     deadline = time.time() + 10
