@@ -1,0 +1,235 @@
+"""Backfill throughput, measured side by side in one run on this machine:
+
+1. raw: the target encoder alone over pre-decoded images in batches (`Encoder.embed`), items/s;
+2. one worker: a rollout driven by one worker process (claim, load, decode, embed, commit), items/s;
+3. two workers: the same rollout shared by two worker processes, items/s.
+
+Targets: (2) / (1) >= 0.8, and (3) / (2) reported. Uses the shipped artifacts (artifacts/v1, v2,
+compat-v1-v2) and Fashion-MNIST when present, else stand-ins: the shipped CNN architectures
+(models.encoders.CNNEncoder with models.train's v1/v2 configs) with random weights (the table says which).
+Needs Postgres and Redis (a scratch database is created and dropped). Prints a markdown table and writes
+runs/bench/backfill.json.
+
+    .venv/bin/python scripts/bench_backfill.py [--items 5000] [--batch-size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from models.artifacts import discover, load_encoder  # noqa: E402
+from models.preprocess import preprocess  # noqa: E402
+from service import rollouts as domain  # noqa: E402
+from service.config import Settings  # noqa: E402
+from service.db import Embedding, ModelVersion, make_engine, make_sessionmaker  # noqa: E402
+from service.db.migrate import upgrade_head  # noqa: E402
+from worker import jobs  # noqa: E402
+from worker.testing import seed_gallery  # noqa: E402
+
+
+def _standin_artifacts(directory: Path) -> dict[str, Path]:
+    """Random-weight encoders with the shipped architectures, so the encoder's cost is realistic."""
+    import torch
+    from torch import nn
+
+    from models.artifacts import save_compat, save_encoder
+    from models.encoders import CNNEncoder
+    from models.train import Recipe
+
+    torch.manual_seed(0)
+    cfg = Recipe()
+    out = {}
+    for name, ecfg in (("v1", cfg.v1), ("v2", cfg.v2)):
+        out[name] = save_encoder(
+            CNNEncoder(ecfg).eval(), directory / name, {"name": name, "dim": ecfg.emb_dim}
+        )
+    d1, d2 = cfg.v1.emb_dim, cfg.v2.emb_dim
+    sigma = nn.Sequential(nn.Linear(d1, 1), nn.Flatten(0))
+    out["compat"] = save_compat(
+        nn.Linear(d2, d1),
+        nn.Linear(d1, d2),
+        sigma,
+        directory / "compat-v1-v2",
+        {"from": "v1", "to": "v2", "from_dim": d1, "to_dim": d2},
+    )
+    return out
+
+
+def _images(n: int, fashion: bool, settings: Settings) -> np.ndarray:
+    if fashion:
+        import gzip
+
+        path = settings.fashion_mnist_dir / "t10k-images-idx3-ubyte.gz"
+        with gzip.open(path) as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+        return data[np.arange(n) % len(data)]
+    from worker.testing import gallery_images
+
+    return gallery_images(n)
+
+
+def _drive(settings_json: str, rollout_id: int, barrier: Any, out: Any) -> None:
+    """One worker process: load the model once, wait for the start signal, drive until the rollout ends."""
+    settings = Settings.model_validate_json(settings_json)
+    ctx = jobs.configure(settings)
+    with ctx.sessionmaker() as s:
+        ctx.encoder(s.get(ModelVersion, "v2"))  # type: ignore[arg-type]  # loaded once per process
+    barrier.wait()
+    t0 = time.perf_counter()
+    summary = jobs.drive(ctx, rollout_id)
+    out.put({"pid": os.getpid(), "items": len(summary.embedded), "seconds": time.perf_counter() - t0})
+
+
+def _rollout(settings: Settings, maker: Any, workers: int, batch_size: int) -> dict[str, Any]:
+    with maker() as s:
+        s.execute(sa.delete(Embedding).where(Embedding.model_version == "v2"))
+        s.execute(sa.update(ModelVersion).where(ModelVersion.name == "v1").values(status="serving"))
+        s.execute(sa.update(ModelVersion).where(ModelVersion.name == "v2").values(status="registered"))
+        s.commit()
+        rid = domain.create_rollout(s, settings, to="v2", policy="uncertainty", batch_size=batch_size).id
+    jobs.configure(settings)
+    jobs.plan_rollout(rid)
+    mpc = mp.get_context("spawn")  # never fork a process that may hold CUDA or DB connections
+    barrier, out = mpc.Barrier(workers + 1), mpc.Queue()
+    procs = [
+        mpc.Process(target=_drive, args=(settings.model_dump_json(), rid, barrier, out))
+        for _ in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    results = [out.get(timeout=1800) for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    with maker() as s:
+        r = domain.get_rollout(s, rid)
+        n = s.scalar(sa.select(sa.func.count()).where(Embedding.model_version == "v2"))
+        assert r.status == "completed", r.status
+    return {
+        "workers": workers,
+        "items": int(n or 0),
+        "seconds": wall,
+        "items_per_second": (n or 0) / wall,
+        "per_worker": results,
+    }
+
+
+def _raw(encoder_dir: Path, images: np.ndarray, batch_size: int, min_seconds: float = 3.0) -> dict[str, Any]:
+    enc = load_encoder(encoder_dir)
+    enc.embed(images[:batch_size])  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for k in range(0, len(images), batch_size):
+            done += len(enc.embed(images[k : k + batch_size], batch_size=batch_size))
+        if time.perf_counter() - t0 >= min_seconds:
+            break
+    dt = time.perf_counter() - t0
+    return {"items": done, "seconds": dt, "items_per_second": done / dt}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
+    p.add_argument(
+        "--pg",
+        default=os.environ.get(
+            "BACKFILL_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    p.add_argument("--redis", default=os.environ.get("BACKFILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "backfill.json")
+    a = p.parse_args()
+
+    from tests.conftest import create_database, drop_database  # the test suite's scratch-database helpers
+
+    encoders, packs = discover(a.artifacts)
+    shipped = {"v1", "v2"} <= set(encoders) and ("v1", "v2") in packs
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-backfill-{os.getpid()}"
+    if shipped:
+        artifacts = {"v1": encoders["v1"], "v2": encoders["v2"], "compat": packs[("v1", "v2")]}
+        art_dir = a.artifacts
+    else:
+        art_dir = scratch / "artifacts"
+        artifacts = _standin_artifacts(art_dir)
+    server = sa.engine.make_url(a.pg)
+    db_url = create_database(server, "bench_backfill")
+    try:
+        settings = Settings(
+            database_url=db_url.render_as_string(hide_password=False),
+            redis_url=a.redis,
+            artifacts_dir=art_dir,
+            data_dir=scratch / "data",
+            metrics_port=0,
+            log_level="WARNING",
+        )
+        import redis
+
+        redis.Redis.from_url(a.redis).flushdb()
+        upgrade_head(settings)
+        fashion = shipped and (settings.fashion_mnist_dir / "t10k-images-idx3-ubyte.gz").is_file()
+        images = _images(a.items, fashion, settings)
+        maker = make_sessionmaker(make_engine(settings))
+        with maker() as s:
+            seed_gallery(s, artifacts, a.items, images=images)
+        decoded = np.stack([preprocess(x) for x in images])  # what raw gets: no PNG decode, no DB
+        raw = _raw(artifacts["v2"], decoded, a.batch_size)
+        one = _rollout(settings, maker, 1, a.batch_size)
+        two = _rollout(settings, maker, 2, a.batch_size)
+    finally:
+        drop_database(server, db_url)
+
+    import torch
+
+    report = {
+        "artifacts": "shipped" if shipped else "stand-in: shipped CNN architectures, random weights",
+        "data": "fashion-mnist t10k" if fashion else "sklearn digits (upscaled)",
+        "items": a.items,
+        "batch_size": a.batch_size,
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "raw_encoder": raw,
+        "one_worker": one,
+        "two_workers": two,
+        "one_worker_vs_raw": one["items_per_second"] / raw["items_per_second"],
+        "two_vs_one_worker": two["items_per_second"] / one["items_per_second"],
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    print(
+        f"Backfill throughput ({report['artifacts']}, {report['data']}, {a.items} items, "
+        f"batch {a.batch_size}, {report['device']}, {report['cpus']} CPUs)\n"
+    )
+    print("| measurement | items/s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| raw encoder (pre-decoded, batched) | {raw['items_per_second']:.0f} | 1.00 |")
+    print(
+        f"| backfill, 1 worker | {one['items_per_second']:.0f} | "
+        f"{report['one_worker_vs_raw']:.2f} of raw (target >= 0.80) |"
+    )
+    ratio2 = report["two_vs_one_worker"]
+    print(f"| backfill, 2 workers | {two['items_per_second']:.0f} | {ratio2:.2f}x one worker |")
+    print(f"\nwritten {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""The rollout lifecycle as plain functions over a Session: create, pause, resume, abort, throttle, complete,
+progress. No HTTP here, so the API, the worker and the CLI share one implementation.
+
+Status machine::
+
+    planning --plan job--> running --all tasks done--> completed
+        |                   |   ^
+        |                   v   |  (pause / resume)
+        |                  paused
+        +--------+----------+--> aborted (operator)      running --tasks failed at the end--> failed
+
+`active_lock = 1` while planning|running|paused; its unique constraint admits one active rollout, so two
+concurrent creates give one success and one `Conflict`. Status changes are published as `events.ROLLOUT`
+after their commit. Jobs are enqueued by function path ("worker.jobs...."), so `service` never imports
+`worker`; callers enqueue only after the commit that justifies the job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import events
+from service.config import Settings
+from service.db.models import (
+    ACTIVE_ROLLOUT_STATES,
+    MODES,
+    POLICIES,
+    BackfillTask,
+    CompatPack,
+    Embedding,
+    ModelVersion,
+    Rollout,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_SECONDS = 60.0
+MAX_DRIVERS = 16
+PLAN_JOB = "worker.jobs.plan_rollout"
+DRIVER_JOB = "worker.jobs.drive_backfill"
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+class RolloutError(Exception):
+    """A refused rollout operation; `field` names what is wrong (the API answers 4xx with both)."""
+
+    status_code = 400
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+    def detail(self) -> dict[str, str]:
+        return {"field": self.field, "problem": self.problem}
+
+
+class InvalidRequest(RolloutError):
+    status_code = 422
+
+
+class NotFound(RolloutError):
+    status_code = 404
+
+
+class Conflict(RolloutError):
+    status_code = 409
+
+
+# --- reads -----------------------------------------------------------------------------------------------
+def get_rollout(session: Session, rollout_id: int) -> Rollout:
+    rollout = session.get(Rollout, rollout_id, populate_existing=True)
+    if rollout is None:
+        raise NotFound("id", f"rollout {rollout_id} does not exist")
+    return rollout
+
+
+def active_rollout(session: Session) -> Rollout | None:
+    return session.scalars(sa.select(Rollout).where(Rollout.active_lock == 1)).one_or_none()
+
+
+def list_rollouts(session: Session, limit: int = 100) -> list[Rollout]:
+    return list(session.scalars(sa.select(Rollout).order_by(Rollout.id.desc()).limit(limit)))
+
+
+def serving_model(session: Session) -> ModelVersion | None:
+    return session.scalars(sa.select(ModelVersion).where(ModelVersion.status == "serving")).first()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts derived from task states (never stored increments)."""
+
+    total: int
+    pending: int
+    leased: int
+    done: int
+    failed: int
+    items_per_second: float
+    eta_seconds: float | None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+    @property
+    def remaining(self) -> int:
+        return self.pending + self.leased
+
+
+def task_counts(session: Session, rollout_id: int) -> dict[str, int]:
+    rows = session.execute(
+        sa.select(BackfillTask.state, sa.func.count())
+        .where(BackfillTask.rollout_id == rollout_id)
+        .group_by(BackfillTask.state)
+    ).all()
+    counts = {"pending": 0, "leased": 0, "done": 0, "failed": 0}
+    counts.update({state: int(n) for state, n in rows})
+    return counts
+
+
+def progress(session: Session, rollout: Rollout, now: dt.datetime | None = None) -> Progress:
+    """Totals, rate over the last minute (from `done_at`) and an ETA at that rate."""
+    now = now or utcnow()
+    c = task_counts(session, rollout.id)
+    since = now - dt.timedelta(seconds=RATE_WINDOW_SECONDS)
+    recent = session.scalar(
+        sa.select(sa.func.count()).where(
+            BackfillTask.rollout_id == rollout.id,
+            BackfillTask.state == "done",
+            BackfillTask.done_at >= since,
+        )
+    )
+    # A rollout younger than the window is measured over its own age, not diluted over 60 s.
+    window = RATE_WINDOW_SECONDS
+    if rollout.started_at is not None:
+        age = (now - _aware(rollout.started_at)).total_seconds()
+        window = min(window, max(age, 1.0))
+    rate = (recent or 0) / window
+    remaining = c["pending"] + c["leased"]
+    if remaining == 0:
+        eta: float | None = 0.0
+    elif rate > 0 and rollout.status == "running":
+        eta = remaining / rate
+    else:
+        eta = None
+    total = sum(c.values())
+    return Progress(total, c["pending"], c["leased"], c["done"], c["failed"], rate, eta)
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes; everything is stored in UTC.
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return _aware(t).isoformat() if t is not None else None
+
+
+def rollout_view(session: Session, rollout: Rollout) -> dict[str, Any]:
+    """The rollout JSON of the HTTP API (DESIGN.md)."""
+    p = progress(session, rollout)
+    return {
+        "id": rollout.id,
+        "from": rollout.from_version,
+        "to": rollout.to_version,
+        "mode": rollout.mode,
+        "policy": rollout.policy,
+        "status": rollout.status,
+        "total": p.total,
+        "done": p.done,
+        "failed": p.failed,
+        "fraction": round(p.fraction, 6),
+        "items_per_second": round(p.items_per_second, 3),
+        "eta_seconds": None if p.eta_seconds is None else round(p.eta_seconds, 1),
+        "max_items_per_second": rollout.max_items_per_second,
+        "batch_size": rollout.batch_size,
+        "created_at": _iso(rollout.created_at),
+        "started_at": _iso(rollout.started_at),
+        "updated_at": _iso(rollout.updated_at),
+        "finished_at": _iso(rollout.finished_at),
+        "error": rollout.error,
+    }
+
+
+# --- writes ----------------------------------------------------------------------------------------------
+def _publish(r: redis.Redis | None, rollout: Rollout) -> None:
+    if r is not None:
+        events.publish(r, events.ROLLOUT, rollout_id=rollout.id, status=rollout.status)
+
+
+def _validate_throttle(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise InvalidRequest("max_items_per_second", "must be a positive number or null")
+    return float(value)
+
+
+def create_rollout(
+    session: Session,
+    settings: Settings,
+    *,
+    to: str,
+    mode: str = "reverse",
+    policy: str = "uncertainty",
+    batch_size: int | None = None,
+    max_items_per_second: float | None = None,
+    r: redis.Redis | None = None,
+) -> Rollout:
+    """Validate and insert a rollout in `planning`; the caller enqueues the plan job after this returns."""
+    if mode not in MODES:
+        raise InvalidRequest("mode", f"must be one of {', '.join(MODES)}")
+    if policy not in POLICIES:
+        raise InvalidRequest("policy", f"must be one of {', '.join(POLICIES)}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not 1 <= batch_size <= 100_000):
+        raise InvalidRequest("batch_size", "must be an integer between 1 and 100000")
+    throttle = _validate_throttle(max_items_per_second)
+    target = session.get(ModelVersion, to)
+    if target is None:
+        raise InvalidRequest("to", f"model {to!r} is not registered")
+    current = serving_model(session)
+    if current is None:
+        raise Conflict("to", "no model is serving; register artifacts first")
+    if current.name == to:
+        raise InvalidRequest("to", f"model {to!r} is already serving")
+    pack = session.scalars(
+        sa.select(CompatPack).where(CompatPack.from_version == current.name, CompatPack.to_version == to)
+    ).first()
+    if pack is None:
+        raise InvalidRequest("to", f"no compatibility pack from {current.name!r} to {to!r} is registered")
+    running = active_rollout(session)
+    if running is not None:
+        raise Conflict("rollout", f"rollout {running.id} is {running.status}; pause/abort it or wait")
+    rollout = Rollout(
+        from_version=current.name,
+        to_version=to,
+        mode=mode,
+        policy=policy,
+        status="planning",
+        batch_size=batch_size or settings.batch_size,
+        max_items_per_second=throttle,
+        purge_on_abort=settings.purge_on_abort,
+        active_lock=1,
+    )
+    session.add(rollout)
+    try:
+        session.commit()
+    except IntegrityError as e:
+        # Lost the race on uq_rollouts_active_lock against a concurrent create.
+        session.rollback()
+        raise Conflict("rollout", "another rollout is already active") from e
+    _publish(r, rollout)
+    return rollout
+
+
+def _lock(session: Session, rollout_id: int) -> Rollout:
+    rollout = session.scalars(
+        sa.select(Rollout)
+        .where(Rollout.id == rollout_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if rollout is None:
+        session.rollback()
+        raise NotFound("id", f"rollout {rollout_id} does not exist")
+    return rollout
+
+
+def pause(session: Session, rollout_id: int, r: redis.Redis | None = None) -> Rollout:
+    """Drivers stop between batches; idempotent on a paused rollout."""
+    rollout = _lock(session, rollout_id)
+    if rollout.status == "paused":
+        session.commit()
+        return rollout
+    if rollout.status not in ("planning", "running"):
+        session.rollback()
+        raise Conflict("status", f"rollout {rollout_id} is {rollout.status}; only an active one can pause")
+    rollout.status = "paused"
+    session.commit()
+    _publish(r, rollout)
+    return rollout
+
+
+def resume(session: Session, rollout_id: int, r: redis.Redis | None = None) -> Rollout:
+    """Back to running (or to planning when it was paused before its plan finished); the caller
+    re-enqueues the plan or the drivers."""
+    rollout = _lock(session, rollout_id)
+    if rollout.status in ("running", "planning"):
+        session.commit()
+        return rollout
+    if rollout.status != "paused":
+        session.rollback()
+        raise Conflict("status", f"rollout {rollout_id} is {rollout.status}; only a paused one can resume")
+    rollout.status = "running" if rollout.started_at is not None else "planning"
+    session.commit()
+    _publish(r, rollout)
+    return rollout
+
+
+def set_throttle(session: Session, rollout_id: int, max_items_per_second: float | None) -> Rollout:
+    """Set (or clear with None) the rollout-wide rate limit; drivers read it before every batch."""
+    value = _validate_throttle(max_items_per_second)
+    rollout = _lock(session, rollout_id)
+    if rollout.status not in ACTIVE_ROLLOUT_STATES:
+        session.rollback()
+        raise Conflict("status", f"rollout {rollout_id} is {rollout.status}; throttle applies to active ones")
+    rollout.max_items_per_second = value
+    session.commit()
+    return rollout
+
+
+def abort(
+    session: Session,
+    rollout_id: int,
+    purge: bool | None = None,
+    r: redis.Redis | None = None,
+) -> Rollout:
+    """Stop the rollout; the old model stays serving. `purge` (default: the rollout's `purge_on_abort`)
+    deletes the target model's embeddings in the same transaction."""
+    rollout = _lock(session, rollout_id)  # waits for in-flight batch commits (they hold FOR SHARE)
+    if rollout.status not in ACTIVE_ROLLOUT_STATES:
+        session.rollback()
+        raise Conflict("status", f"rollout {rollout_id} is {rollout.status}; only an active one can abort")
+    now = utcnow()
+    rollout.status = "aborted"
+    rollout.active_lock = None
+    rollout.finished_at = now
+    old = session.get(ModelVersion, rollout.from_version)
+    if old is not None and old.status != "serving":
+        old.status = "serving"
+    new = session.get(ModelVersion, rollout.to_version)
+    if new is not None and new.status == "serving":
+        new.status = "registered"
+    if rollout.purge_on_abort if purge is None else purge:
+        session.execute(sa.delete(Embedding).where(Embedding.model_version == rollout.to_version))
+    session.commit()
+    _publish(r, rollout)
+    if r is not None:
+        events.publish(r, events.EMBEDDINGS, rollout_id=rollout.id)
+    return rollout
+
+
+def complete(
+    session: Session, settings: Settings, rollout_id: int, r: redis.Redis | None = None
+) -> Rollout | None:
+    """Finish a running rollout whose tasks are all done or failed, in one transaction. Returns the rollout
+    when this call finished it, None when it was not finishable (tasks left, or not running)."""
+    rollout = _lock(session, rollout_id)
+    if rollout.status != "running":
+        session.rollback()
+        return None
+    c = task_counts(session, rollout_id)
+    if c["pending"] or c["leased"]:
+        session.rollback()
+        return None
+    now = utcnow()
+    rollout.active_lock = None
+    rollout.finished_at = now
+    if c["failed"]:
+        # Completing would leave the failed items in neither index: keep the old model serving.
+        rollout.status = "failed"
+        rollout.error = (
+            f"{c['failed']} item(s) failed after {settings.max_attempts} attempts (see backfill_tasks."
+            f"last_error); {rollout.from_version} stays serving. Fix or delete them and upgrade again."
+        )
+    else:
+        rollout.status = "completed"
+        session.execute(
+            sa.update(ModelVersion).where(ModelVersion.name == rollout.from_version).values(status="retired")
+        )
+        session.execute(
+            sa.update(ModelVersion).where(ModelVersion.name == rollout.to_version).values(status="serving")
+        )
+    session.commit()
+    _publish(r, rollout)
+    if rollout.status == "completed":
+        sweep_retired_embeddings(session, settings, now=now)
+    return rollout
+
+
+def sweep_retired_embeddings(session: Session, settings: Settings, now: dt.datetime | None = None) -> int:
+    """Delete a retired model's embeddings once `old_embedding_retention_days` have passed since the
+    rollout that retired it completed. Returns the number of rows deleted."""
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(days=settings.old_embedding_retention_days)
+    retired = session.scalars(
+        sa.select(Rollout.from_version)
+        .join(ModelVersion, ModelVersion.name == Rollout.from_version)
+        .where(Rollout.status == "completed", Rollout.finished_at <= cutoff, ModelVersion.status == "retired")
+        .distinct()
+    ).all()
+    deleted = 0
+    for version in retired:
+        res = session.execute(sa.delete(Embedding).where(Embedding.model_version == version))
+        deleted += int(getattr(res, "rowcount", 0) or 0)
+    session.commit()
+    if deleted:
+        log.info("retention sweep deleted %d embeddings of %s", deleted, ", ".join(retired))
+    return deleted
+
+
+# --- jobs (enqueued by function path; see worker/jobs.py) ------------------------------------------------
+def plan_job_id(rollout_id: int) -> str:
+    return f"backfill-plan-{rollout_id}"
+
+
+def driver_job_id(rollout_id: int, slot: int) -> str:
+    return f"backfill-drive-{rollout_id}-{slot}"
+
+
+def driver_heartbeat_key(job_id: str) -> str:
+    return f"backfill:heartbeat:{job_id}"
+
+
+def _enqueue_unique(r: redis.Redis, settings: Settings, func: str, rollout_id: int, job_id: str) -> bool:
+    """Enqueue unless a job with this id is queued or running (a running one proves it by its heartbeat key,
+    so the job of a SIGKILLed worker is replaced). True when enqueued."""
+    from rq import Queue
+    from rq.exceptions import DuplicateJobError, NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    try:
+        job = Job.fetch(job_id, connection=r)
+    except NoSuchJobError:
+        job = None
+    if job is not None:
+        status = job.get_status(refresh=False)
+        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED):
+            return False
+        if status == JobStatus.STARTED and r.exists(driver_heartbeat_key(job_id)):
+            return False
+        job.delete(remove_from_queue=True)
+    queue = Queue(settings.queue_name, connection=r)
+    try:
+        queue.enqueue_call(
+            func,
+            args=(rollout_id,),
+            job_id=job_id,
+            timeout=-1,  # drivers run until their rollout has no work left
+            result_ttl=0,
+            failure_ttl=24 * 3600,
+            unique=True,
+        )
+    except DuplicateJobError:
+        return False
+    return True
+
+
+def enqueue_plan(r: redis.Redis, settings: Settings, rollout_id: int) -> bool:
+    return _enqueue_unique(r, settings, PLAN_JOB, rollout_id, plan_job_id(rollout_id))
+
+
+def driver_slots(r: redis.Redis, settings: Settings) -> int:
+    """One driver per live worker on the queue (at least one): each worker runs one job at a time."""
+    from rq import Queue, Worker
+
+    n = Worker.count(connection=r, queue=Queue(settings.queue_name, connection=r))
+    return max(1, min(MAX_DRIVERS, n))
+
+
+def enqueue_drivers(r: redis.Redis, settings: Settings, rollout_id: int, slots: int | None = None) -> int:
+    """Make sure `slots` backfill drivers exist for the rollout; returns how many were enqueued."""
+    n = slots if slots is not None else driver_slots(r, settings)
+    return sum(
+        _enqueue_unique(r, settings, DRIVER_JOB, rollout_id, driver_job_id(rollout_id, slot))
+        for slot in range(n)
+    )
+
+
+def enqueue_for(r: redis.Redis, settings: Settings, rollout: Rollout) -> None:
+    """Whatever job the rollout's status needs next (plan or drivers); nothing for a stopped one."""
+    if rollout.status == "planning":
+        enqueue_plan(r, settings, rollout.id)
+    elif rollout.status == "running":
+        enqueue_drivers(r, settings, rollout.id)

@@ -1,0 +1,323 @@
+"""Backfill jobs against real Postgres + Redis: plan, claim order, parallel drivers, pause/resume, throttle,
+abort, failures, deleted items. Tiny random models and digits-sized images keep it fast."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from rq import Queue, SimpleWorker
+from sqlalchemy.orm import Session
+
+from models.artifacts import load_compat
+from service import rollouts as domain
+from service.config import Settings
+from service.db import BackfillTask, Embedding, Item, ModelVersion, make_engine, make_sessionmaker
+from service.db.models import utcnow
+from service.redis_conn import make_redis
+from worker import jobs
+from worker.testing import embedding_counts, make_tiny_artifacts, seed_gallery
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Env:
+    settings: Settings
+    ctx: jobs.WorkerContext
+    session: Session
+    items: list[int]
+    artifacts: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_tiny_artifacts(tmp_path_factory.mktemp("artifacts"), slow_reps=2)
+
+
+def make_env(settings: Settings, artifacts: dict[str, Path], n_items: int, **overrides: object) -> Env:
+    s = settings.model_copy(update={"artifacts_dir": artifacts["v1"].parent, "metrics_port": 0, **overrides})
+    ctx = jobs.configure(s)
+    session = ctx.sessionmaker()
+    items = seed_gallery(session, artifacts, n_items)
+    return Env(s, ctx, session, items, artifacts)
+
+
+@pytest.fixture
+def env(settings: Settings, artifacts: dict[str, Path]) -> Iterator[Env]:
+    e = make_env(settings, artifacts, 120)
+    yield e
+    e.session.close()
+
+
+def start(env: Env, **kw: object) -> int:
+    rollout = domain.create_rollout(env.session, env.settings, to="v2", **kw)  # type: ignore[arg-type]
+    jobs.plan_rollout(rollout.id)
+    return rollout.id
+
+
+def status(env: Env, rid: int) -> str:
+    return domain.get_rollout(env.session, rid).status
+
+
+def model_status(env: Env) -> dict[str, str]:
+    env.session.expire_all()
+    return {m.name: m.status for m in env.session.scalars(sa.select(ModelVersion))}
+
+
+def test_whole_rollout_through_rq_completes(env: Env) -> None:
+    rollout = domain.create_rollout(env.session, env.settings, to="v2", batch_size=32)
+    assert domain.enqueue_plan(env.ctx.redis, env.settings, rollout.id)
+    assert not domain.enqueue_plan(env.ctx.redis, env.settings, rollout.id)  # unique job id: no double plan
+    q = Queue(env.settings.queue_name, connection=env.ctx.redis)
+    SimpleWorker([q], connection=env.ctx.redis).work(burst=True)
+
+    r = domain.get_rollout(env.session, rollout.id)
+    assert r.status == "completed" and r.active_lock is None and r.finished_at is not None
+    assert model_status(env) == {"v1": "retired", "v2": "serving"}
+    assert embedding_counts(env.session, "v2") == (len(env.items), len(env.items))
+    assert embedding_counts(env.session, "v1")[0] == len(env.items)  # old vectors kept (retention 7 days)
+    p = domain.progress(env.session, r)
+    assert (p.total, p.done, p.failed, p.fraction, p.eta_seconds) == (
+        len(env.items),
+        len(env.items),
+        0,
+        1.0,
+        0.0,
+    )
+    assert p.items_per_second > 0
+    # The new vectors are the v2 encoder's output for the stored payloads.
+    enc = env.ctx.encoder(env.session.get(ModelVersion, "v2"))  # type: ignore[arg-type]
+    from models.preprocess import preprocess
+
+    item = env.session.get(Item, env.items[7])
+    assert item is not None
+    row = env.session.scalars(
+        sa.select(Embedding).where(Embedding.item_id == item.id, Embedding.model_version == "v2")
+    ).one()
+    np.testing.assert_allclose(
+        np.frombuffer(row.vector, dtype="<f4"), enc.embed(preprocess(item.payload)[None])[0], atol=1e-5
+    )
+
+
+def test_claims_follow_sigma_order_exactly(settings: Settings, artifacts: dict[str, Path]) -> None:
+    # Big enough that a careless UPDATE ... IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED) plan would claim
+    # more than n rows.
+    env = make_env(settings, artifacts, 1500)
+    rid = start(env, policy="uncertainty", batch_size=128)
+    with env.ctx.sessionmaker() as s:
+        first = jobs.claim(s, env.ctx, rid, 128)
+        second = jobs.claim(s, env.ctx, rid, 128)
+    rows = env.session.execute(
+        sa.select(Embedding.item_id, Embedding.vector)
+        .where(Embedding.model_version == "v1")
+        .order_by(Embedding.item_id)
+    ).all()
+    vecs = np.stack([np.frombuffer(v, "<f4") for _, v in rows])
+    order = np.array([i for i, _ in rows])[
+        np.argsort(-load_compat(env.artifacts["compat"]).uncertainty(vecs))
+    ]
+    assert len(first.tasks) == 128 and len(second.tasks) == 128
+    assert set(first.tasks.values()) == set(order[:128].tolist())  # the first batch: the highest sigma
+    assert set(second.tasks.values()) == set(order[128:256].tolist())
+    env.session.close()
+
+
+def test_fifo_claims_in_item_order(env: Env) -> None:
+    rid = start(env, policy="fifo")
+    with env.ctx.sessionmaker() as s:
+        claimed = jobs.claim(s, env.ctx, rid, 10)
+    assert sorted(claimed.tasks.values()) == env.items[:10]
+
+
+def test_two_workers_share_without_overlap(env: Env, artifacts: dict[str, Path]) -> None:
+    rid = start(env, policy="random", batch_size=8)
+    # Two independent worker contexts (own engine, Redis client and model copies), run side by side.
+    contexts = [
+        jobs.WorkerContext(
+            env.settings,
+            make_sessionmaker(make_engine(env.settings)),
+            make_redis(env.settings),
+            worker_id=f"w{i}",
+        )
+        for i in range(2)
+    ]
+    barrier = threading.Barrier(2)
+    summaries: list[jobs.DriveSummary] = [jobs.DriveSummary(rid), jobs.DriveSummary(rid)]
+
+    def run(i: int) -> None:
+        barrier.wait()
+        summaries[i] = jobs.drive(contexts[i], rid)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    a, b = (set(s.embedded) for s in summaries)
+    assert len(summaries[0].embedded) == len(a) and len(summaries[1].embedded) == len(b)
+    assert a.isdisjoint(b), "an item was embedded by both workers"
+    assert a | b == set(env.items)
+    assert a and b, "both workers should have taken part"
+    assert {s.outcome for s in summaries} <= {"completed", "finished-elsewhere"}
+    assert status(env, rid) == "completed"
+    # Nobody claimed a task twice (leases never expired here) and every item has exactly one v2 vector.
+    assert env.session.scalar(sa.select(sa.func.max(BackfillTask.attempts))) == 1
+    assert embedding_counts(env.session, "v2") == (len(env.items), len(env.items))
+
+
+def _run_in_thread(env: Env, rid: int) -> tuple[threading.Thread, list[jobs.DriveSummary]]:
+    out: list[jobs.DriveSummary] = []
+    t = threading.Thread(target=lambda: out.append(jobs.drive(env.ctx, rid)))
+    t.start()
+    return t, out
+
+
+def _done(env: Env, rid: int) -> int:
+    with env.ctx.sessionmaker() as s:
+        return domain.task_counts(s, rid)["done"]
+
+
+def _wait_for(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_pause_stops_progress_and_resume_continues(env: Env) -> None:
+    rid = start(env, batch_size=5, max_items_per_second=60)
+    t, out = _run_in_thread(env, rid)
+    _wait_for(lambda: _done(env, rid) >= 10)
+    domain.pause(env.session, rid)
+    t.join(timeout=10)
+    assert not t.is_alive() and out[0].outcome == "paused"
+    frozen = _done(env, rid)
+    assert frozen < len(env.items)
+    time.sleep(0.5)
+    assert _done(env, rid) == frozen
+    assert jobs.drive(env.ctx, rid).outcome == "paused"  # a driver started while paused does nothing
+    assert _done(env, rid) == frozen
+
+    domain.resume(env.session, rid)
+    domain.set_throttle(env.session, rid, None)
+    assert jobs.drive(env.ctx, rid).outcome == "completed"
+    assert embedding_counts(env.session, "v2") == (len(env.items), len(env.items))
+
+
+def test_throttle_bounds_the_rate(env: Env) -> None:
+    rate, n = 40.0, 100
+    rid = start(env, batch_size=64, max_items_per_second=rate)
+    env.ctx.redis.delete(f"backfill:throttle:{rid}")
+    t0 = time.monotonic()
+    summary = jobs.drive(env.ctx, rid)
+    elapsed = time.monotonic() - t0
+    assert summary.outcome == "completed"
+    total = len(env.items)
+    # Batches of `rate` items are spaced 1 s apart: the first is free, the rest wait their turn.
+    assert elapsed >= (total - rate) / rate * 0.95, elapsed
+    done_at = sorted(
+        t for t in env.session.scalars(sa.select(BackfillTask.done_at).where(BackfillTask.rollout_id == rid))
+    )
+    span = (done_at[-1] - done_at[0]).total_seconds()
+    assert (total - rate) / span <= rate * 1.15
+    del n
+
+
+def test_abort_returns_to_old_model_and_purges(env: Env) -> None:
+    rid = start(env, batch_size=20)
+    rollout = domain.get_rollout(env.session, rid)
+    assert jobs.run_batch(env.ctx, rollout, 20).embedded
+    assert embedding_counts(env.session, "v2")[0] == 20
+    aborted = domain.abort(env.session, rid, purge=True)
+    assert aborted.status == "aborted" and aborted.active_lock is None and aborted.finished_at is not None
+    assert model_status(env) == {"v1": "serving", "v2": "registered"}
+    assert embedding_counts(env.session, "v2")[0] == 0
+    assert embedding_counts(env.session, "v1")[0] == len(env.items)
+    assert jobs.drive(env.ctx, rid).outcome == "aborted"
+    assert embedding_counts(env.session, "v2")[0] == 0
+    with pytest.raises(domain.Conflict):
+        domain.resume(env.session, rid)
+    # The lock is released: a new rollout may start, and it reuses nothing.
+    again = domain.create_rollout(env.session, env.settings, to="v2")
+    assert again.status == "planning"
+
+
+def test_abort_without_purge_keeps_new_vectors(env: Env) -> None:
+    rid = start(env, batch_size=20)
+    jobs.run_batch(env.ctx, domain.get_rollout(env.session, rid), 20)
+    domain.abort(env.session, rid)  # settings.purge_on_abort is False
+    assert embedding_counts(env.session, "v2")[0] == 20
+    assert model_status(env)["v1"] == "serving"
+
+
+def test_in_flight_batch_after_abort_writes_nothing(env: Env) -> None:
+    rid = start(env, batch_size=10)
+    rollout = domain.get_rollout(env.session, rid)
+    with env.ctx.sessionmaker() as s:
+        claimed = jobs.claim(s, env.ctx, rid, 10)
+    domain.abort(env.session, rid, purge=True)
+    vectors = {iid: np.ones(24, np.float32) for iid in claimed.tasks.values()}
+    with env.ctx.sessionmaker() as s:
+        res = jobs.commit_batch(s, env.ctx, rollout, claimed, vectors, {})
+    assert res.embedded == [] and embedding_counts(env.session, "v2")[0] == 0
+
+
+def test_bad_payloads_fail_after_max_attempts_and_deleted_items_are_skipped(env: Env) -> None:
+    bad, gone = env.items[3], env.items[5]
+    env.session.execute(sa.update(Item).where(Item.id == bad).values(payload=b"not an image"))
+    env.session.execute(sa.update(Item).where(Item.id == gone).values(deleted_at=utcnow()))
+    env.session.commit()
+    rid = start(env, batch_size=16)
+    env.session.execute(sa.update(Item).where(Item.id == env.items[6]).values(deleted_at=utcnow()))
+    env.session.commit()  # deleted after planning: its task ends done, without an embedding
+    summary = jobs.drive(env.ctx, rid)
+    r = domain.get_rollout(env.session, rid)
+    assert summary.outcome == "failed" and r.status == "failed" and r.active_lock is None
+    assert r.error and "1 item(s) failed" in r.error
+    task = env.session.scalars(
+        sa.select(BackfillTask).where(BackfillTask.rollout_id == rid, BackfillTask.item_id == bad)
+    ).one()
+    assert task.state == "failed" and task.attempts == env.settings.max_attempts
+    assert task.last_error and "invalid payload" in task.last_error
+    embedded = set(env.session.scalars(sa.select(Embedding.item_id).where(Embedding.model_version == "v2")))
+    assert embedded == set(env.items) - {bad, gone, env.items[6]}
+    assert model_status(env)["v1"] == "serving"  # never serve a model that leaves items unsearchable
+    counts = domain.task_counts(env.session, rid)
+    assert counts == {"pending": 0, "leased": 0, "done": len(env.items) - 2, "failed": 1}
+
+
+def test_expired_lease_is_reclaimed_and_late_commit_is_dropped(
+    settings: Settings, artifacts: dict[str, Path]
+) -> None:
+    env = make_env(settings, artifacts, 30, lease_seconds=0.3)
+    rid = start(env, batch_size=10)
+    rollout = domain.get_rollout(env.session, rid)
+    with env.ctx.sessionmaker() as s:
+        stale = jobs.claim(s, env.ctx, rid, 10)  # a worker that then stalls
+    time.sleep(0.4)
+    summary = jobs.drive(env.ctx, rid)  # reclaims the expired lease and finishes everything
+    assert summary.outcome == "completed" and set(summary.embedded) == set(env.items)
+    vectors = {iid: np.ones(24, np.float32) for iid in stale.tasks.values()}
+    with env.ctx.sessionmaker() as s:
+        late = jobs.commit_batch(s, env.ctx, rollout, stale, vectors, {})
+    assert late.embedded == [] and late.lost_lease == 10
+    assert embedding_counts(env.session, "v2") == (30, 30)
+    env.session.close()
+
+
+def test_retention_sweep_deletes_old_vectors_after_the_window(
+    settings: Settings, artifacts: dict[str, Path]
+) -> None:
+    env = make_env(settings, artifacts, 20, old_embedding_retention_days=0)
+    rid = start(env)
+    assert jobs.drive(env.ctx, rid).outcome == "completed"
+    assert embedding_counts(env.session, "v1")[0] == 0 and embedding_counts(env.session, "v2")[0] == 20
+    env.session.close()

@@ -1,0 +1,80 @@
+"""The worker process: an RQ worker that runs jobs in its own process (no fork per job), so the models it
+loads stay cached across jobs and CUDA is initialised at most once, in this process, after any fork.
+
+On start and then every `maintenance_seconds` a thread re-enqueues what active rollouts need (unique job
+ids, so concurrent workers never double the work) and applies the old-embedding retention; this is how a
+SIGKILLed worker's driver is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from rq import Queue, SimpleWorker
+
+from service.config import Settings
+from worker.jobs import WorkerContext, configure, maintain
+
+log = logging.getLogger(__name__)
+
+
+class BackfillWorker(SimpleWorker):
+    """SimpleWorker whose warm shutdown (SIGTERM/SIGINT) also tells a running driver to stop after its
+    current batch: drivers otherwise run until their rollout finishes."""
+
+    backfill_context: WorkerContext | None = None
+
+    def handle_warm_shutdown_request(self) -> None:
+        if self.backfill_context is not None:
+            self.backfill_context.stop.set()
+        super().handle_warm_shutdown_request()
+
+
+class Maintenance(threading.Thread):
+    def __init__(self, ctx: WorkerContext, interval: float) -> None:
+        super().__init__(name="backfill-maintenance", daemon=True)
+        self.ctx = ctx
+        self.interval = interval
+
+    def run(self) -> None:
+        while not self.ctx.stop.wait(self.interval):
+            try:
+                maintain(self.ctx)
+            except Exception:  # keep the loop alive across DB/Redis hiccups
+                log.exception("maintenance failed")
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    burst: bool = False,
+    name: str | None = None,
+    maintenance_seconds: float = 10.0,
+    metrics_port: int | None = None,
+) -> None:
+    """Run a backfill worker until stopped (or, with `burst`, until the queue is empty)."""
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+    )
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    if port > 0:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)
+        log.info("worker metrics on :%d/metrics", port)
+    ctx = configure(settings)
+    queue = Queue(settings.queue_name, connection=ctx.redis)
+    kwargs: dict[str, Any] = {"connection": ctx.redis}
+    if name:
+        kwargs["name"] = name
+    worker = BackfillWorker([queue], **kwargs)
+    worker.backfill_context = ctx
+    maintain(ctx)
+    if not burst:
+        Maintenance(ctx, maintenance_seconds).start()
+    try:
+        worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+    finally:
+        ctx.stop.set()
