@@ -1,0 +1,420 @@
+"""`backfill demo`: watch a model upgrade happen live, measured the way an application sees it.
+
+Starts the API and one worker as subprocesses on the embedded defaults (SQLite + embedded Redis; Postgres
+and Redis instead when BACKFILL_DATABASE_URL / BACKFILL_REDIS_URL are set), loads Fashion-MNIST test
+images through POST /items with v1 serving, starts POST /upgrade to v2, and while the backfill runs pauses
+it at each measuring point and measures retrieval quality through POST /search/batch. The same point is
+computed offline by the evaluation harness for exactly the set of items the service had backfilled, so the
+two curves can be compared point for point. Writes runs/demo/curve.json and curve.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import typer
+from tqdm import tqdm
+
+from service.config import REPO_ROOT, Settings, get_settings
+
+DEMO_TOKEN = "demo-operator-token-0123456789"
+
+
+@dataclass
+class Point:
+    fraction: float
+    done: int
+    total: int
+    live_map: float
+    live_top1: float
+    offline_map: float
+    offline_top1: float
+    seconds: float
+
+
+@dataclass
+class DemoResult:
+    items: int
+    mode: str
+    policy: str
+    old_old: float
+    new_new: float
+    points: list[Point] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def auc(self) -> float:
+        return float(np.mean([p.live_map for p in self.points])) if self.points else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        live = [p.live_map for p in self.points]
+        flips = [b - a for a, b in zip(live, live[1:], strict=False)]
+        span = self.new_new - self.old_old
+        return {
+            "auc": self.auc,
+            "relative_gain": (self.auc - self.old_old) / span if span else float("nan"),
+            "largest_negative_flip": min([0.0, *flips]),
+            "max_live_offline_gap": max((abs(p.live_map - p.offline_map) for p in self.points), default=0.0),
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _b64(img: np.ndarray) -> str:
+    from models.preprocess import encode_png
+
+    return base64.b64encode(encode_png(img)).decode()
+
+
+class Stack:
+    """The API and worker subprocesses, started on the same settings."""
+
+    def __init__(self, env: dict[str, str], port: int, log_dir: Path) -> None:
+        self.env, self.port, self.log_dir = env, port, log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.url = f"http://127.0.0.1:{port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("wb")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT, start_new_session=True,
+        )
+        self.procs.append(p)
+        return p
+
+    def start_api(self) -> None:
+        self._spawn("api", ["serve", "--host", "127.0.0.1", "--port", str(self.port)])
+
+    def start_worker(self) -> None:
+        self._spawn("worker", ["worker"])
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+class Client:
+    def __init__(self, url: str, token: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=120.0)
+        self.auth = {"Authorization": f"Bearer {token}"}
+
+    def wait_ready(self, timeout: float = 180.0, procs: list[subprocess.Popen[bytes]] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if procs and any(p.poll() is not None for p in procs):
+                raise RuntimeError("a demo process exited early; see its log in the demo folder")
+            try:
+                if self.http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("the API did not become ready")
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        r = self.http.post(path, json=body or {}, headers=self.auth)
+        r.raise_for_status()
+        out: dict[str, Any] = r.json()
+        return out
+
+    def rollout(self, rid: int) -> dict[str, Any]:
+        r = self.http.get(f"/rollouts/{rid}")
+        r.raise_for_status()
+        out: dict[str, Any] = r.json()
+        return out
+
+    def search_all(self, payloads: list[str], k: int, batch: int = 250) -> tuple[list[list[str]], dict[str, Any]]:
+        ranked: list[list[str]] = []
+        serving: dict[str, Any] = {}
+        for i in range(0, len(payloads), batch):
+            r = self.http.post(
+                "/search/batch", json={"queries": [{"image_b64": p} for p in payloads[i : i + batch]], "k": k}
+            )
+            r.raise_for_status()
+            body = r.json()
+            ranked.extend([h["id"] for h in hits] for hits in body["results"])
+            serving = body["serving"]
+        return ranked, serving
+
+
+def _wait_ingested(client: Client, payload: str, want_fraction: float, timeout: float = 60.0) -> dict[str, Any]:
+    """Wait until the API's serving info reports the backfilled fraction the database has."""
+    deadline = time.monotonic() + timeout
+    serving: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        r = client.http.post("/search", json={"image_b64": payload, "k": 1})
+        r.raise_for_status()
+        serving = r.json()["serving"]
+        if abs(float(serving.get("backfilled_fraction") or 0.0) - want_fraction) < 1e-9:
+            return serving
+        time.sleep(0.1)
+    raise TimeoutError(f"ingestion did not catch up: API reports {serving}, database {want_fraction}")
+
+
+def run_demo(
+    settings: Settings,
+    out: Path,
+    n_items: int = 10_000,
+    n_points: int = 21,
+    mode: str = "reverse",
+    policy: str = "uncertainty",
+    batch_size: int = 50,
+    progress: bool = True,
+) -> DemoResult:
+    """Run the whole demo; returns the measured curve (also written under `out`)."""
+    from models import evaluate
+    from models.data import load_fashion_mnist
+
+    t_start = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = out / "data"
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True)
+
+    images, labels = load_fashion_mnist(settings.fashion_mnist_dir, "test")
+    images, labels = images[:n_items], labels[:n_items]
+    ids = [f"fmnist-test-{i}" for i in range(len(images))]
+    id_index = {s: i for i, s in enumerate(ids)}
+    payloads = [_b64(img) for img in images]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFILL_")}
+    env.update(
+        BACKFILL_DATA_DIR=str(data_dir),
+        BACKFILL_OPERATOR_TOKEN=DEMO_TOKEN,
+        BACKFILL_ARTIFACTS_DIR=str(settings.artifacts_dir),
+        BACKFILL_FASHION_MNIST_DIR=str(settings.fashion_mnist_dir),
+        BACKFILL_INGEST_POLL_SECONDS="0.1",
+        BACKFILL_METRICS_PORT="0",
+        BACKFILL_LOG_LEVEL="WARNING",
+        BACKFILL_MAX_K="128",  # leave-one-out needs k + 1
+    )
+    if settings.database_url:
+        env["BACKFILL_DATABASE_URL"] = settings.database_url
+    if settings.redis_url:
+        env["BACKFILL_REDIS_URL"] = settings.redis_url
+    else:
+        from service.redis_conn import embedded_redis_url
+
+        env["BACKFILL_REDIS_URL"] = embedded_redis_url(Settings(data_dir=data_dir))
+
+    result = DemoResult(items=len(images), mode=mode, policy=policy, old_old=float("nan"), new_new=float("nan"))
+    with ExitStack() as stack:
+        s = Stack(env, _free_port(), out)
+        stack.callback(s.stop)
+        say = typer.echo if progress else (lambda *_a, **_k: None)
+        say(f"starting the API on {s.url} (logs in {out})")
+        s.start_api()
+        client = Client(s.url, DEMO_TOKEN)
+        client.wait_ready(procs=s.procs)
+
+        bar = tqdm(total=len(images), desc="loading gallery (v1)", unit="img", disable=not progress)
+        for i in range(0, len(images), 500):
+            chunk = [
+                {"id": ids[j], "image_b64": payloads[j], "label": int(labels[j])}
+                for j in range(i, min(i + 500, len(images)))
+            ]
+            client.post("/items", {"items": chunk})
+            bar.update(len(chunk))
+        bar.close()
+
+        k = 100
+        def measure(fraction_db: float, in_new: np.ndarray) -> tuple[float, float, float, float]:
+            _wait_ingested(client, payloads[0], fraction_db)
+            ranked_ext, _ = client.search_all(payloads, k + 1)
+            ranked = [[id_index[x] for x in row if id_index[x] != q][:k] for q, row in enumerate(ranked_ext)]
+            live_map, live_top1 = evaluate.ranked_metrics(ranked, labels, k)
+            off_map, off_top1 = offline(in_new)
+            return live_map, live_top1, off_map, off_top1
+
+        offline = evaluate.offline_point_fn(
+            images, labels, settings.artifacts_dir, "v1", "v2", mode=mode, k=k
+        )
+        result.old_old, result.new_new = offline.old_old, offline.new_new
+
+        engine = _db_engine(settings.database_url, data_dir)
+        stack.callback(engine.dispose)
+        # Upgrade and pause before any worker runs, so the first point is fraction 0 exactly; the
+        # worker then plans the rollout and waits for each resume.
+        rollout = client.post("/upgrade", {"to": "v2", "mode": mode, "policy": policy, "batch_size": batch_size})
+        rid = int(rollout["id"])
+        client.post(f"/rollouts/{rid}/pause")
+        s.start_worker()
+
+        targets = [i / (n_points - 1) for i in range(n_points)]
+        bar = tqdm(total=len(targets), desc="backfill + measure", unit="pt", disable=not progress)
+        for target in targets:
+            t0 = time.monotonic()
+            state = _advance_to(client, rid, target, engine)
+            in_new = _backfilled_mask(engine, id_index)
+            fraction = state["done"] / max(state["total"], 1)
+            lm, lt, om, ot = measure(fraction if state["status"] != "completed" else 1.0, in_new)
+            result.points.append(Point(fraction, state["done"], state["total"], lm, lt, om, ot, time.monotonic() - t0))
+            bar.set_postfix(fraction=f"{fraction:.2f}", live=f"{lm:.4f}", offline=f"{om:.4f}")
+            bar.update(1)
+        bar.close()
+    result.seconds = time.monotonic() - t_start
+    write_outputs(result, out)
+    return result
+
+
+def _db_engine(env_url: str | None, data_dir: Path) -> Any:
+    from service.db import make_engine
+
+    return make_engine(Settings(database_url=env_url, data_dir=data_dir))
+
+
+def _advance_to(client: Client, rid: int, target: float, engine: Any, poll: float = 0.02) -> dict[str, Any]:
+    """Let the backfill run until `target` of the tasks are done, then pause it and wait for the batch
+    in flight to commit. Target 1.0 lets the rollout complete."""
+    import sqlalchemy as sa
+
+    state = client.rollout(rid)
+    if target >= 1.0:
+        if state["status"] == "paused":
+            client.post(f"/rollouts/{rid}/resume")
+        while state["status"] not in {"completed", "failed", "aborted"}:
+            time.sleep(0.2)
+            state = client.rollout(rid)
+        if state["status"] != "completed":
+            raise RuntimeError(f"rollout ended {state['status']}: {state.get('error')}")
+        return state
+    while not state["total"]:  # the plan runs while paused; wait for its tasks
+        if state["status"] in {"failed", "aborted"}:
+            raise RuntimeError(f"rollout ended {state['status']}: {state.get('error')}")
+        time.sleep(0.1)
+        state = client.rollout(rid)
+    if state["done"] >= target * state["total"]:
+        return state
+    client.post(f"/rollouts/{rid}/resume")
+    while True:
+        state = client.rollout(rid)
+        if state["total"] and state["done"] >= target * state["total"]:
+            break
+        time.sleep(poll)
+    client.post(f"/rollouts/{rid}/pause")
+    # the batch in flight commits after the pause: wait until no task of this rollout is leased
+    while True:
+        with engine.connect() as c:
+            leased = c.execute(
+                sa.text("select count(*) from backfill_tasks where rollout_id = :r and state = 'leased'"),
+                {"r": rid},
+            ).scalar_one()
+        if leased == 0:
+            return client.rollout(rid)
+        time.sleep(0.05)
+
+
+def _backfilled_mask(engine: Any, id_index: dict[str, int], to_version: str = "v2") -> np.ndarray:
+    """Which gallery items have a committed new-model embedding (read from the database, the truth)."""
+    import sqlalchemy as sa
+
+    mask = np.zeros(len(id_index), dtype=bool)
+    with engine.connect() as c:
+        rows = c.execute(
+            sa.text(
+                "select i.external_id from embeddings e join items i on i.id = e.item_id "
+                "where e.model_version = :v and i.deleted_at is null"
+            ),
+            {"v": to_version},
+        )
+        for (ext,) in rows:
+            if ext in id_index:
+                mask[id_index[ext]] = True
+    return mask
+
+
+def write_outputs(result: DemoResult, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result.summary()
+    doc = {**asdict(result), **summary}
+    (out / "curve.json").write_text(json.dumps(doc, indent=2))
+    xs = [p.fraction for p in result.points]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(xs, [p.live_map for p in result.points], "o-", label="live, through /search")
+    ax.plot(xs, [p.offline_map for p in result.points], "x--", label="offline harness, same items")
+    ax.axhline(result.old_old, color="grey", ls=":", label=f"old/old {result.old_old:.3f}")
+    ax.axhline(result.new_new, color="black", ls=":", label=f"new/new {result.new_new:.3f}")
+    ax.set_xlabel("fraction backfilled")
+    ax.set_ylabel("mAP@100")
+    ax.set_title(f"Live backfill curve: {result.mode} mode, {result.policy} order, {result.items} items")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=120)
+    plt.close(fig)
+    (out / "curve.md").write_text(table(result))
+
+
+def table(result: DemoResult) -> str:
+    s = result.summary()
+    lines = [
+        "| fraction | done/total | live mAP@100 | offline mAP@100 | live top-1 | offline top-1 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in result.points:
+        lines.append(
+            f"| {p.fraction:.3f} | {p.done}/{p.total} | {p.live_map:.4f} | {p.offline_map:.4f} | "
+            f"{p.live_top1:.4f} | {p.offline_top1:.4f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"old/old {result.old_old:.4f}, new/new {result.new_new:.4f}; live AUC {s['auc']:.4f}, relative gain "
+        f"{s['relative_gain']:.3f}, largest negative flip {s['largest_negative_flip']:.4f}, largest live-offline "
+        f"gap {s['max_live_offline_gap']:.4f}; {result.seconds:.0f} s in all."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def demo(
+    items: int = typer.Option(10_000, help="Gallery size (Fashion-MNIST test images)."),
+    points: int = typer.Option(21, min=3, help="Measuring points, evenly spaced fractions."),
+    mode: str = typer.Option("reverse", help="reverse | forward"),
+    policy: str = typer.Option("uncertainty", help="uncertainty | random | fifo"),
+    batch_size: int = typer.Option(50, min=1, help="Backfill batch size (pause granularity)."),
+    out: Path = typer.Option(REPO_ROOT / "runs" / "demo", help="Output folder."),
+) -> None:
+    """Run the live upgrade demo on embedded defaults and write runs/demo/curve.{json,png,md}."""
+    from models.data import DatasetMissing
+
+    try:
+        result = run_demo(get_settings(), out, items, points, mode, policy, batch_size)
+    except DatasetMissing as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from e
+    typer.echo(table(result))
+    typer.echo(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
