@@ -116,6 +116,7 @@ class Follower:
         gap_grace_seconds: float = GAP_GRACE_SECONDS,
     ) -> None:
         self.sm = sm
+        self._serving_labels: list[tuple[str, str, str]] = []
         self.manager = manager
         self.factory = factory
         self.use_gpu = use_gpu
@@ -233,13 +234,15 @@ class Follower:
         self._catch_up(ix, cursor, metrics=False)
         previous = self.manager.swap(ix)
         self.cursor = cursor
-        SERVING_INFO.clear()
+        # Zero the previous labels rather than clearing them: with several uvicorn processes (multiprocess
+        # mode) a cleared series would keep its last value in the other processes' files.
+        for labels in self._serving_labels:
+            SERVING_INFO.labels(*labels).set(0)
+        self._serving_labels = []
         if layout.query_model is not None:
-            SERVING_INFO.labels(
-                model=layout.query_model,
-                rollout_id=str(layout.rollout_id or "none"),
-                mode=layout.mode or "none",
-            ).set(1)
+            labels = (layout.query_model, str(layout.rollout_id or "none"), layout.mode or "none")
+            SERVING_INFO.labels(*labels).set(1)
+            self._serving_labels.append(labels)
         log.info(
             "indices rebuilt for %s in %.2fs (new=%d old=%d; previous layout %s)",
             layout,

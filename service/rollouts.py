@@ -193,6 +193,29 @@ def rollout_view(session: Session, rollout: Rollout) -> dict[str, Any]:
     }
 
 
+def export_progress(view: dict[str, Any]) -> None:
+    """Set the rollout gauges from a rollout view (the active rollout, or the one that just ended)."""
+    from service import metrics
+
+    metrics.ROLLOUT_TOTAL.set(view["total"])
+    metrics.ROLLOUT_DONE.set(view["done"])
+    metrics.ROLLOUT_FAILED.set(view["failed"])
+    metrics.ROLLOUT_PENDING.set(max(0, view["total"] - view["done"] - view["failed"]))
+    metrics.ROLLOUT_PROGRESS_RATIO.set(view["fraction"])
+    metrics.ROLLOUT_ITEMS_PER_SECOND.set(view["items_per_second"])
+    metrics.ROLLOUT_ETA_SECONDS.set(-1 if view["eta_seconds"] is None else view["eta_seconds"])
+
+
+def refresh_progress_metrics(session: Session) -> dict[str, Any] | None:
+    """Export the progress of the active rollout, else of the newest one; None when there is none."""
+    rollout = active_rollout(session) or session.scalars(sa.select(Rollout).order_by(Rollout.id.desc())).first()
+    if rollout is None:
+        return None
+    view = rollout_view(session, rollout)
+    export_progress(view)
+    return view
+
+
 # --- writes ----------------------------------------------------------------------------------------------
 def _publish(r: redis.Redis | None, rollout: Rollout) -> None:
     if r is not None:

@@ -94,6 +94,8 @@ class Runtime:
     encoders: dict[str, Encoder] = field(default_factory=dict)
     packs: dict[tuple[str, str], CompatPack] = field(default_factory=dict)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    progress_seconds: float = 5.0
 
     # --- lifecycle -----------------------------------------------------------------------------------
     @classmethod
@@ -132,8 +134,21 @@ class Runtime:
         )
         if follow:
             self.follower.start()
+            threading.Thread(target=self._progress_loop, name="rollout-progress", daemon=True).start()
+
+    def _progress_loop(self) -> None:
+        """Keep the rollout gauges current even when no client polls /rollouts (dashboards read them)."""
+        from service.rollouts import refresh_progress_metrics
+
+        while not self._stop.wait(self.progress_seconds):
+            try:
+                with self.sessionmaker() as s:
+                    refresh_progress_metrics(s)
+            except Exception as e:  # the database may be down for a while; try again next time
+                log.debug("rollout progress refresh failed: %s", e)
 
     def stop(self) -> None:
+        self._stop.set()
         if self.follower is not None:
             self.follower.stop()
         with contextlib.suppress(Exception):

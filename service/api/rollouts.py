@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, HTTPException, Path, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import metrics
 from service import rollouts as domain
 from service.api.deps import OperatorDep, RuntimeDep, SessionDep
 
@@ -43,7 +42,7 @@ class AbortRequest(BaseModel):
     purge: bool | None = Field(None, description="Delete the target model's embeddings (default: setting).")
 
 
-RolloutId = Annotated[int, Path(ge=1)]
+RolloutId = Annotated[int, Path(ge=1, le=2**63 - 1)]  # a BIGINT: larger ids are a 422, not a DB error
 
 
 def _http(e: domain.RolloutError) -> HTTPException:
@@ -53,19 +52,8 @@ def _http(e: domain.RolloutError) -> HTTPException:
 def _view(session: Any, rollout: Any) -> dict[str, Any]:
     view = domain.rollout_view(session, rollout)
     if rollout.active_lock == 1 or rollout.status in ("completed", "aborted", "failed"):
-        _export(view)
+        domain.export_progress(view)
     return view
-
-
-def _export(view: dict[str, Any]) -> None:
-    """Rollout gauges follow whatever rollout was last read (the active one, or the one that just ended)."""
-    metrics.ROLLOUT_TOTAL.set(view["total"])
-    metrics.ROLLOUT_DONE.set(view["done"])
-    metrics.ROLLOUT_FAILED.set(view["failed"])
-    metrics.ROLLOUT_PENDING.set(max(0, view["total"] - view["done"] - view["failed"]))
-    metrics.ROLLOUT_PROGRESS_RATIO.set(view["fraction"])
-    metrics.ROLLOUT_ITEMS_PER_SECOND.set(view["items_per_second"])
-    metrics.ROLLOUT_ETA_SECONDS.set(-1 if view["eta_seconds"] is None else view["eta_seconds"])
 
 
 def _enqueue(runtime: Any, rollout: Any) -> None:
