@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models import evaluate as E
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _brute_force(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float]:
+    """Independent numpy reference: full distance matrix, self excluded, AP@k as defined in DESIGN.md."""
+    n = len(labels)
+    aps, top1 = [], []
+    for q in range(n):
+        d = ((gallery - queries[q]) ** 2).sum(1)
+        cand = [j for j in np.argsort(d, kind="stable") if j != q][:k]
+        rel = [labels[j] == labels[q] for j in cand]
+        precs = [sum(rel[: i + 1]) / (i + 1) for i in range(len(rel)) if rel[i]]
+        aps.append(np.mean(precs) if precs else 0.0)
+        top1.append(float(rel[0]))
+    return float(np.mean(aps)), float(np.mean(top1))
+
+
+@pytest.fixture(scope="module")
+def toy() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = rng.integers(0, 6, n)
+    new = _unit(rng.normal(size=(6, 16))[labels] + 0.7 * rng.normal(size=(n, 16)))
+    old = _unit(rng.normal(size=(6, 8))[labels] + 1.2 * rng.normal(size=(n, 8)))
+    proj = rng.normal(size=(16, 8)).astype(np.float32)
+    psi_new = _unit(new @ proj)
+    sigma = rng.normal(size=n).astype(np.float32)
+    return {"labels": labels, "new": new, "old": old, "psi_new": psi_new, "sigma": sigma}
+
+
+def _evaluator(toy: dict[str, np.ndarray], k: int, calibrate=E._identity, cache_k: int = 4 * E.K) -> E.Evaluator:
+    return E.Evaluator(
+        toy["labels"],
+        toy["new"],
+        {"reverse": E.Space(toy["old"], toy["psi_new"], calibrate), "raw": E.Space(toy["old"], toy["old"])},
+        k,
+        cache_k,
+    )
+
+
+@pytest.mark.parametrize(("k", "cache_k"), [(1, 4), (10, 40), (10, 12), (100, 400), (100, 150)])
+def test_map_and_top1_equal_brute_force(toy: dict[str, np.ndarray], k: int, cache_k: int) -> None:
+    ev = _evaluator(toy, k, cache_k=cache_k)
+    for name, g, q in (
+        ("new", toy["new"], toy["new"]),
+        ("raw", toy["old"], toy["old"]),
+        ("reverse", toy["old"], toy["psi_new"]),
+    ):
+        got = ev.single(name)
+        ref = _brute_force(q, g, toy["labels"], k)
+        assert got[0] == pytest.approx(ref[0], abs=1e-9)
+        assert got[1] == pytest.approx(ref[1], abs=1e-9)
+
+
+def test_ranked_metrics_handles_short_and_padded_lists() -> None:
+    labels = np.array([0, 0, 1, 1, 0])
+    # query 0: [1 (rel), 2, 4 (rel)] -> AP = (1/1 + 2/3) / 2; query 1: [] -> 0; query 2: [3] -> 1;
+    # query 4: a -1 (no item) still occupies its rank: [2, -1, 0 (rel)] -> 1/3
+    ranked = [[1, 2, 4], [], [3], [4, 0], [2, -1, 0]]
+    m, t = E.ranked_metrics(ranked, labels, k=100)
+    ap = [(1 + 2 / 3) / 2, 0.0, 1.0, 0.0, 1 / 3]
+    assert m == pytest.approx(np.mean(ap))
+    assert t == pytest.approx(np.mean([1, 0, 1, 0, 0]))
+
+
+def test_merge_topk_by_distance_ties_to_new_and_invalid_last() -> None:
+    d_new = np.array([[0.1, 0.5, np.inf]], np.float32)
+    i_new = np.array([[3, 4, -1]])
+    d_old = np.array([[0.5, 0.2, 0.9]], np.float32)
+    i_old = np.array([[7, 8, 9]])
+    d, ids, src = E.merge_topk(d_new, i_new, np.sort(d_old), i_old[:, [1, 0, 2]], 4)
+    assert ids.tolist() == [[3, 8, 4, 7]]
+    assert np.all(np.diff(d) >= 0)
+    assert src.tolist() == [[True, False, True, False]]
+    _, ids, _ = E.merge_topk(d_new[:, :1], i_new[:, :1], d_new[:, 2:], i_new[:, 2:], 2)
+    assert ids.tolist() == [[3, -1]]
+
+
+def test_policy_orders(toy: dict[str, np.ndarray]) -> None:
+    sigma = toy["sigma"]
+    order = E.policy_order("uncertainty", len(sigma), sigma=sigma)
+    assert np.all(np.diff(sigma[order]) <= 0)  # descending sigma
+    assert sorted(order.tolist()) == list(range(len(sigma)))
+    r1, r2 = E.policy_order("random", 50, seed=1), E.policy_order("random", 50, seed=1)
+    assert np.array_equal(r1, r2) and sorted(r1.tolist()) == list(range(50))
+    dist = np.arange(10.0)
+    assert E.policy_order("oracle", 10, oracle_distance=dist).tolist() == list(range(9, -1, -1))
+    with pytest.raises(ValueError):
+        E.policy_order("uncertainty", 10)
+
+
+def test_curve_endpoints(toy: dict[str, np.ndarray]) -> None:
+    def calibrate(d: np.ndarray) -> np.ndarray:
+        return 2.0 * d + 0.1
+
+    ev = _evaluator(toy, 100, calibrate)
+    order = E.policy_order("uncertainty", len(toy["labels"]), sigma=toy["sigma"])
+    c = ev.curve(order, "reverse")
+    assert len(c["map"]) == 22 and c["fraction"][0] == 0.0 and c["fraction"][-1] == 1.0
+    new_new = ev.single("new")
+    assert c["map"][-1] == new_new[0] and c["top1"][-1] == new_new[1]
+    ref0 = _brute_force(toy["psi_new"], toy["old"], toy["labels"], 100)
+    assert c["map"][0] == pytest.approx(ref0[0], abs=1e-9)
+    assert c["top1"][0] == pytest.approx(ref0[1], abs=1e-9)
+
+
+@pytest.mark.parametrize(("n_new", "cache_k"), [(120, 400), (120, 60), (20, 60), (280, 60)])
+def test_merged_point_equals_dense_computation(toy: dict[str, np.ndarray], n_new: int, cache_k: int) -> None:
+    """Cached-list filtering (exact when enough survive, FAISS over the subset otherwise) = dense."""
+
+    def calibrate(d: np.ndarray) -> np.ndarray:
+        return np.interp(d, [0.0, 1.0, 4.0], [0.0, 0.8, 4.0]).astype(np.float32)
+
+    ev = _evaluator(toy, 50, calibrate, cache_k)
+    mask = np.zeros(len(toy["labels"]), bool)
+    mask[E.policy_order("random", len(mask), seed=3)[:n_new]] = True
+    got = ev.point(mask, "reverse")
+    dense = E.dense_point(ev, mask, "reverse")
+    assert got[0] == pytest.approx(dense[0], abs=1e-6)
+    assert got[1] == pytest.approx(dense[1], abs=1e-6)
+    ranked = ev.ranked(mask, "reverse")
+    for q in range(len(mask)):
+        row = ranked[q][ranked[q] >= 0]
+        assert q not in row and len(set(row.tolist())) == len(row)  # never itself, never twice
+
+
+def test_summarize() -> None:
+    s = E.summarize([0.5, 0.6, 0.58, 0.7], old_old=0.5, new_new=0.7)
+    assert s["auc"] == pytest.approx(0.595)
+    assert s["relative_gain"] == pytest.approx(0.475)
+    assert s["largest_negative_flip"] == pytest.approx(0.02)
+    assert s["negative_flips"] == 1
