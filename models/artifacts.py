@@ -70,7 +70,11 @@ def pick_device(use_gpu: bool = True) -> str:
 
 def _to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, 28, 28) uint8 or float in [0, 1], or (N, 1, 28, 28) -> (N, 1, 28, 28) float32."""
-    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if isinstance(images, torch.Tensor):
+        x = images
+    else:
+        a = np.asarray(images)
+        x = torch.from_numpy(a if a.flags.writeable else a.copy())  # torch warns on read-only arrays
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
     x = x.float()
