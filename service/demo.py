@@ -11,6 +11,7 @@ two curves can be compared point for point. Writes runs/demo/curve.json and curv
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import shutil
@@ -62,7 +63,7 @@ class DemoResult:
 
     def summary(self) -> dict[str, Any]:
         live = [p.live_map for p in self.points]
-        flips = [b - a for a, b in zip(live, live[1:], strict=False)]
+        flips = [b - a for a, b in itertools.pairwise(live)]
         span = self.new_new - self.old_old
         return {
             "auc": self.auc,
@@ -95,8 +96,12 @@ class Stack:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("wb")
         p = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT, start_new_session=True,
+            [sys.executable, "-m", "service.cli", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            start_new_session=True,
         )
         self.procs.append(p)
         return p
@@ -245,6 +250,7 @@ def run_demo(
         bar.close()
 
         k = 100
+
         def measure(fraction_db: float, in_new: np.ndarray) -> tuple[float, float, float, float]:
             _wait_ingested(client, payloads[0], fraction_db)
             ranked_ext, _ = client.search_all(payloads, k + 1)
@@ -253,9 +259,7 @@ def run_demo(
             off_map, off_top1 = offline(in_new)
             return live_map, live_top1, off_map, off_top1
 
-        offline = evaluate.offline_point_fn(
-            images, labels, settings.artifacts_dir, "v1", "v2", mode=mode, k=k
-        )
+        offline = evaluate.offline_point_fn(images, labels, settings.artifacts_dir, "v1", "v2", mode=mode, k=k)
         result.old_old, result.new_new = offline.old_old, offline.new_new
 
         engine = _db_engine(settings.database_url, data_dir)
@@ -398,7 +402,7 @@ def table(result: DemoResult) -> str:
 
 def demo(
     items: int = typer.Option(10_000, help="Gallery size (Fashion-MNIST test images)."),
-    points: int = typer.Option(21, min=3, help="Measuring points, evenly spaced fractions."),
+    points: int = typer.Option(22, min=3, help="Measuring points at fractions i/(points-1), as the harness."),
     mode: str = typer.Option("reverse", help="reverse | forward"),
     policy: str = typer.Option("uncertainty", help="uncertainty | random | fifo"),
     batch_size: int = typer.Option(50, min=1, help="Backfill batch size (pause granularity)."),
