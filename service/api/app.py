@@ -17,6 +17,8 @@ from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+STARTUP_READY_TIMEOUT_SECONDS = 60.0
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -28,6 +30,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.stop()
         raise
     app.state.runtime = runtime
+    # Accept connections only once the indices are built (bounded): a restarted process that listened at once
+    # would answer /search with 503 "indices are still loading" until its first rebuild finished.
+    if not await run_in_threadpool(runtime.wait_ready, STARTUP_READY_TIMEOUT_SECONDS):
+        log.warning("indices not built after %.0fs; serving anyway (/readyz says 503)", STARTUP_READY_TIMEOUT_SECONDS)
     try:
         yield
     finally:
