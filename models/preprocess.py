@@ -46,11 +46,20 @@ def _from_array(a: np.ndarray) -> np.ndarray:
             raise InvalidImage("integer arrays must hold values in [0, 255]")
         a = a.astype(np.uint8)
     if a.shape != (SIZE, SIZE):
-        a = np.asarray(Image.fromarray(a, mode="L").resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+        a = np.array(Image.fromarray(a).resize((SIZE, SIZE), Image.Resampling.BILINEAR))  # writable copy
     return np.ascontiguousarray(a, dtype=np.uint8)
 
 
 def _decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
+    buf = io.BytesIO(data)
+    try:  # check the declared shape before numpy allocates it
+        major, _minor = np.lib.format.read_magic(buf)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(buf)
+    except Exception as e:
+        raise InvalidImage(f"invalid NPY payload: {e}") from e
+    if int(np.prod(shape, dtype=np.float64)) > max_pixels:
+        raise InvalidImage(f"NPY array of shape {tuple(shape)} has more values than the limit of {max_pixels}")
     try:
         a = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # numpy raises several types for bad headers
