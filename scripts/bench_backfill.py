@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import sys
 import time
 from pathlib import Path
@@ -54,9 +55,7 @@ def _standin_artifacts(directory: Path) -> dict[str, Path]:
     cfg = Recipe()
     out = {}
     for name, ecfg in (("v1", cfg.v1), ("v2", cfg.v2)):
-        out[name] = save_encoder(
-            CNNEncoder(ecfg).eval(), directory / name, {"name": name, "dim": ecfg.emb_dim}
-        )
+        out[name] = save_encoder(CNNEncoder(ecfg).eval(), directory / name, {"name": name, "dim": ecfg.emb_dim})
     d1, d2 = cfg.v1.emb_dim, cfg.v2.emb_dim
     sigma = nn.Sequential(nn.Linear(d1, 1), nn.Flatten(0))
     out["compat"] = save_compat(
@@ -105,15 +104,22 @@ def _rollout(settings: Settings, maker: Any, workers: int, batch_size: int) -> d
     jobs.plan_rollout(rid)
     mpc = mp.get_context("spawn")  # never fork a process that may hold CUDA or DB connections
     barrier, out = mpc.Barrier(workers + 1), mpc.Queue()
-    procs = [
-        mpc.Process(target=_drive, args=(settings.model_dump_json(), rid, barrier, out))
-        for _ in range(workers)
-    ]
+    procs = [mpc.Process(target=_drive, args=(settings.model_dump_json(), rid, barrier, out)) for _ in range(workers)]
     for p in procs:
         p.start()
     barrier.wait()
     t0 = time.perf_counter()
-    results = [out.get(timeout=1800) for _ in procs]
+    results: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 1800
+    while len(results) < len(procs):  # never wait on a worker that died (e.g. the database went away)
+        try:
+            results.append(out.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"backfill worker process failed (exit codes {dead}) or timed out") from None
     wall = time.perf_counter() - t0
     for p in procs:
         p.join()
@@ -143,38 +149,32 @@ def _raw(encoder_dir: Path, images: np.ndarray, batch_size: int, min_seconds: fl
     return {"items": done, "seconds": dt, "items_per_second": done / dt}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--items", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
-    p.add_argument(
-        "--pg",
-        default=os.environ.get(
-            "BACKFILL_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-        ),
-    )
-    p.add_argument("--redis", default=os.environ.get("BACKFILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/14"))
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "backfill.json")
-    a = p.parse_args()
-
+def run(
+    items: int = 5000,
+    batch_size: int = 256,
+    artifacts_dir: Path = REPO / "artifacts",
+    pg: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+    redis_url: str = "redis://127.0.0.1:6379/14",
+    out: Path | None = REPO / "runs" / "bench" / "backfill.json",
+) -> dict[str, Any]:
+    """Raw encoder vs one worker vs two workers on a scratch database (created and dropped); the report."""
     from tests.conftest import create_database, drop_database  # the test suite's scratch-database helpers
 
-    encoders, packs = discover(a.artifacts)
+    encoders, packs = discover(artifacts_dir)
     shipped = {"v1", "v2"} <= set(encoders) and ("v1", "v2") in packs
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-backfill-{os.getpid()}"
     if shipped:
         artifacts = {"v1": encoders["v1"], "v2": encoders["v2"], "compat": packs[("v1", "v2")]}
-        art_dir = a.artifacts
+        art_dir = artifacts_dir
     else:
         art_dir = scratch / "artifacts"
         artifacts = _standin_artifacts(art_dir)
-    server = sa.engine.make_url(a.pg)
+    server = sa.engine.make_url(pg)
     db_url = create_database(server, "bench_backfill")
     try:
         settings = Settings(
             database_url=db_url.render_as_string(hide_password=False),
-            redis_url=a.redis,
+            redis_url=redis_url,
             artifacts_dir=art_dir,
             data_dir=scratch / "data",
             metrics_port=0,
@@ -182,17 +182,24 @@ def main() -> None:
         )
         import redis
 
-        redis.Redis.from_url(a.redis).flushdb()
+        redis.Redis.from_url(redis_url).flushdb()
         upgrade_head(settings)
         fashion = shipped and (settings.fashion_mnist_dir / "t10k-images-idx3-ubyte.gz").is_file()
-        images = _images(a.items, fashion, settings)
-        maker = make_sessionmaker(make_engine(settings))
+        images = _images(items, fashion, settings)
+        engine = make_engine(settings)
+        maker = make_sessionmaker(engine)
         with maker() as s:
-            seed_gallery(s, artifacts, a.items, images=images)
+            seed_gallery(s, artifacts, items, images=images)
         decoded = np.stack([preprocess(x) for x in images])  # what raw gets: no PNG decode, no DB
-        raw = _raw(artifacts["v2"], decoded, a.batch_size)
-        one = _rollout(settings, maker, 1, a.batch_size)
-        two = _rollout(settings, maker, 2, a.batch_size)
+        raw_before = _raw(artifacts["v2"], decoded, batch_size)
+        one = _rollout(settings, maker, 1, batch_size)
+        two = _rollout(settings, maker, 2, batch_size)
+        raw_after = _raw(artifacts["v2"], decoded, batch_size)
+        # On a shared host the encoder's speed drifts: the better of a window before and one after the
+        # rollouts is the baseline (the conservative choice for "worker / raw").
+        raw = max(raw_before, raw_after, key=lambda r: r["items_per_second"])
+        raw = {**raw, "before": raw_before["items_per_second"], "after": raw_after["items_per_second"]}
+        engine.dispose()
     finally:
         drop_database(server, db_url)
 
@@ -201,8 +208,8 @@ def main() -> None:
     report = {
         "artifacts": "shipped" if shipped else "stand-in: shipped CNN architectures, random weights",
         "data": "fashion-mnist t10k" if fashion else "sklearn digits (upscaled)",
-        "items": a.items,
-        "batch_size": a.batch_size,
+        "items": items,
+        "batch_size": batch_size,
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -213,8 +220,26 @@ def main() -> None:
         "one_worker_vs_raw": one["items_per_second"] / raw["items_per_second"],
         "two_vs_one_worker": two["items_per_second"] / one["items_per_second"],
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
+    p.add_argument(
+        "--pg",
+        default=os.environ.get("BACKFILL_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+    )
+    p.add_argument("--redis", default=os.environ.get("BACKFILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "backfill.json")
+    a = p.parse_args()
+    report = run(a.items, a.batch_size, a.artifacts, a.pg, a.redis, a.out)
+    raw, one, two = report["raw_encoder"], report["one_worker"], report["two_workers"]
     print(
         f"Backfill throughput ({report['artifacts']}, {report['data']}, {a.items} items, "
         f"batch {a.batch_size}, {report['device']}, {report['cpus']} CPUs)\n"

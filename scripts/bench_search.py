@@ -59,51 +59,89 @@ def ms(xs: list[float], q: float) -> float:
     return float(np.quantile(xs, q) * 1000)
 
 
-def bench_merge(n: int, n_queries: int, k: int, batch: int, d: int = 64, seed: int = 0) -> dict[str, object]:
+def bench_merge(
+    n: int,
+    n_queries: int,
+    k: int,
+    batch: int,
+    d: int = 64,
+    seed: int = 0,
+    *,
+    factory: str = "Flat",
+    vecs: np.ndarray | None = None,
+    old_vecs: np.ndarray | None = None,
+    queries: np.ndarray | None = None,
+    old_queries: np.ndarray | None = None,
+    calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict[str, object]:
+    """Merged OLD+NEW halves vs one index over all `n` items, timed interleaved.
+
+    Defaults: `n` random unit vectors (d), random queries, a monotone stand-in calibration. Callers may
+    pass real data instead: `vecs` (n, d_new) in the query model's space (the one-index baseline and the
+    NEW half), `old_vecs` (n, d_old) for the OLD half (default `vecs`), `queries` (>= n_queries*batch,
+    d_new) and `old_queries` (the same queries in OLD's space, e.g. psi(q)), and `calibrate` (OLD
+    distances -> NEW scale). `factory` is any `VectorIndex` factory (Flat, IVF<n>,Flat, HNSW<m>)."""
     rng = np.random.default_rng(seed)
-    vecs = unit(rng, n, d)
+    vecs = unit(rng, n, d) if vecs is None else np.ascontiguousarray(vecs[:n], dtype=np.float32)
+    old_vecs = vecs if old_vecs is None else np.ascontiguousarray(old_vecs[:n], dtype=np.float32)
+    d_new, d_old = vecs.shape[1], old_vecs.shape[1]
     ids = np.arange(n, dtype=np.int64)
-    single = VectorIndex(d, "Flat", space="v2")
+    single = VectorIndex(d_new, factory, space="v2")
     single.add(ids, vecs)
     half = n // 2
     pair = IndexSet(
         Layout(serving="v1", rollout_id=1, from_model="v1", to_model="v2", mode="reverse"),
-        new=VectorIndex(d, "Flat", space="v2"),
-        old=VectorIndex(d, "Flat", space="v1"),
+        new=VectorIndex(d_new, factory, space="v2"),
+        old=VectorIndex(d_old, factory, space="v1"),
     )
     perm = rng.permutation(n)
-    pair.apply(to_old=(ids[perm[half:]], vecs[perm[half:]]))
+    pair.apply(to_old=(ids[perm[half:]], old_vecs[perm[half:]]))
     pair.apply(to_new=(ids[perm[:half]], vecs[perm[:half]]))
-    queries = unit(rng, n_queries * batch, d).reshape(n_queries, batch, d)
+    total = n_queries * batch
+    if queries is None:
+        qs = unit(rng, total, d_new)
+        qo = qs if d_old == d_new else unit(rng, total, d_old)
+    else:
+        pick = rng.choice(len(queries), size=total, replace=total > len(queries))
+        qs = np.ascontiguousarray(queries[pick], dtype=np.float32)
+        qo = qs if old_queries is None else np.ascontiguousarray(old_queries[pick], dtype=np.float32)
+    queries_b = qs.reshape(n_queries, batch, d_new)
+    old_b = qo.reshape(n_queries, batch, d_old)
     knots_x = np.linspace(0, 4, 16)
     knots_y = knots_x * 0.9  # a monotone calibration, as CompatPack.calibrate applies it
 
+    def cal(x: np.ndarray) -> np.ndarray:
+        if calibrate is not None:
+            return calibrate(x)
+        return np.interp(x, knots_x, knots_y).astype(np.float32)
+
     def one(i: int) -> object:
-        d_, i_ = single.search(queries[i], k)
+        d_, i_ = single.search(queries_b[i], k)
         return merge_topk(d_, i_, None, None, k)  # the same result shaping as the merged path
 
     def merged(i: int) -> object:
-        q = queries[i]
-        (nd, ni), old = pair.search(q, q, k)
+        (nd, ni), old = pair.search(queries_b[i], old_b[i], k)
         assert old is not None
         od, oi = old
-        od = np.where(oi < 0, np.inf, np.interp(np.where(oi < 0, 0.0, od), knots_x, knots_y))
+        od = np.where(oi < 0, np.inf, cal(np.where(oi < 0, 0.0, od)))
         return merge_topk(nd, ni, od, oi, k)
 
-    # Same answer check (identity-free calibration aside, the id sets of a scaled-OLD merge differ, so
-    # check exactness with identity calibration on a few queries).
-    for i in range(3):
-        (nd, ni), old = pair.search(queries[i], queries[i], k)
-        assert old is not None
-        m = merge_topk(nd, ni, old[0], old[1], k)
-        _, si = single.search(queries[i], k)
-        assert [[h.item_id for h in row] for row in m] == si.tolist()
+    # Exactness check (Flat, one space): with identity calibration the merge equals the single index.
+    if factory.strip().upper() == "FLAT" and old_vecs is vecs and queries is None:
+        for i in range(3):
+            (nd, ni), old = pair.search(queries_b[i], queries_b[i], k)
+            assert old is not None
+            m = merge_topk(nd, ni, old[0], old[1], k)
+            _, si = single.search(queries_b[i], k)
+            assert [[h.item_id for h in row] for row in m] == si.tolist()
 
-    t_single, t_merged = time_pair(one, merged, n_queries)
+    t_single, t_merged = time_pair(one, merged, n_queries, warmup=min(20, max(2, n_queries // 5)))
     return {
         "items": n,
+        "factory": factory,
         "batch": batch,
         "k": k,
+        "queries": n_queries,
         "single_p50_ms": ms(t_single, 0.5),
         "single_p95_ms": ms(t_single, 0.95),
         "merged_p50_ms": ms(t_merged, 0.5),
@@ -130,7 +168,7 @@ def bench_encode(artifacts: Path, n_queries: int, batch: int) -> dict[str, objec
     def two_pass(i: int) -> object:
         return v2.embed(imgs[i]), v1.embed(imgs[i])
 
-    t1, t2 = time_pair(single_pass, two_pass, n_queries, warmup=10)
+    t1, t2 = time_pair(single_pass, two_pass, n_queries, warmup=min(10, n_queries))
     return {
         "batch": batch,
         "single_pass_p50_ms": ms(t1, 0.5),
@@ -146,9 +184,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
-    ap.add_argument(
-        "--threads", type=int, default=1, help="FAISS/torch threads (1 = least noise on a shared box)"
-    )
+    ap.add_argument("--threads", type=int, default=1, help="FAISS/torch threads (1 = least noise on a shared box)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "search.json")
     args = ap.parse_args()
     import faiss
@@ -160,18 +196,12 @@ def main() -> None:
     merge_rows = []
     for n in args.sizes:
         for batch in (1, 32):
-            merge_rows.append(
-                bench_merge(n, args.queries if batch == 1 else max(50, args.queries // 5), args.k, batch)
-            )
-    enc_rows = [
-        r for b in (1, 32) if (r := bench_encode(args.artifacts, 200 if b == 1 else 50, b)) is not None
-    ]
+            merge_rows.append(bench_merge(n, args.queries if batch == 1 else max(50, args.queries // 5), args.k, batch))
+    enc_rows = [r for b in (1, 32) if (r := bench_encode(args.artifacts, 200 if b == 1 else 50, b)) is not None]
 
     print(f"## Merged OLD+NEW search vs one index (Flat, d=64, k={args.k}, {args.threads} thread(s))\n")
     print("Target: ratio <= 1.15.\n")
-    print(
-        "| items | batch | one p50 (ms) | merged p50 (ms) | one p95 | merged p95 | ratio p50 | ratio mean |"
-    )
+    print("| items | batch | one p50 (ms) | merged p50 (ms) | one p95 | merged p95 | ratio p50 | ratio mean |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in merge_rows:
         print(
