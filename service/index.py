@@ -3,9 +3,12 @@
 `VectorIndex` is one embedding space: FAISS ids are item ids, with add (replace on a known id), remove and
 exact k-NN (squared L2). Index types come from a FAISS factory string:
 
-- ``Flat`` (default): ``IndexIDMap2(IndexFlatL2)``, exact, native removal.
-- ``IVF<n>,...``: native ids and removal; trained on the first vectors added (nlist shrunk to fit
-  small galleries, since IVF needs >= nlist training points).
+- ``Flat`` (default): ``IndexIDMap(IndexFlatL2)``, exact, native removal.
+- ``IVF<n>,...``: native ids and removal. Until the space holds enough vectors to train n lists
+  (``MIN_POINTS_PER_CENTROID`` per list) it is served by an exact ``IndexIDMap(IndexFlatL2)``; the first
+  add that crosses that size trains the IVF on every vector held and moves them in. A start-up rebuild
+  (batches of ``rebuild_batch_size``) thus trains on a real sample, not on its first batch, and a small
+  gallery stays exact.
 - ``HNSW<m>`` and every GPU index: no native removal, so removed ids become tombstones filtered out of
   results (the search over-fetches by the tombstone count) and the index is rebuilt from a host copy
   of its vectors once tombstones pass a fraction of it.
@@ -129,6 +132,102 @@ def _as_vecs(vecs: np.ndarray, dim: int) -> np.ndarray:
     return v
 
 
+class IdSet:
+    """A set of non-negative item ids as a growable bitmap: 1 byte per id up to the largest one, instead of
+    a Python set's ~60 bytes per member (item ids are dense database keys)."""
+
+    def __init__(self) -> None:
+        self._bits = np.zeros(1024, dtype=bool)
+        self._n = 0
+
+    def _grow(self, top: int) -> None:
+        if top >= self._bits.size:
+            bigger = np.zeros(max(top + 1, 2 * self._bits.size), dtype=bool)
+            bigger[: self._bits.size] = self._bits
+            self._bits = bigger
+
+    def mask(self, ids: np.ndarray) -> np.ndarray:
+        """Membership of each id of an int64 array."""
+        inside = (ids >= 0) & (ids < self._bits.size)
+        out = np.zeros(ids.shape, dtype=bool)
+        out[inside] = self._bits[ids[inside]]
+        return out
+
+    def add(self, ids: np.ndarray) -> None:
+        if ids.size == 0:
+            return
+        if ids.min() < 0:
+            raise ValueError("item ids must be non-negative")
+        self._grow(int(ids.max()))
+        fresh = np.unique(ids[~self._bits[ids]])
+        self._bits[fresh] = True
+        self._n += int(fresh.size)
+
+    def discard(self, ids: np.ndarray) -> np.ndarray:
+        """Remove ids; returns those that were present (each once)."""
+        present = np.unique(ids[self.mask(ids)])
+        self._bits[present] = False
+        self._n -= int(present.size)
+        return present
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, int | np.integer) and 0 <= int(item_id) < self._bits.size and bool(
+            self._bits[int(item_id)]
+        )
+
+    def __len__(self) -> int:
+        return self._n
+
+    def to_set(self) -> set[int]:
+        return {int(i) for i in np.flatnonzero(self._bits)}
+
+
+class ExternalIds:
+    """item id -> external id, immutable once assigned, packed into one byte buffer with offsets: about
+    12 bytes per item plus the id's UTF-8 bytes, instead of a dict entry and a str object (~110 bytes)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._start = np.full(1024, -1, dtype=np.int64)
+        self._len = np.zeros(1024, dtype=np.int32)
+        self._n = 0
+
+    def __setitem__(self, item_id: int, external_id: str) -> None:
+        if item_id < 0:
+            raise ValueError("item ids must be non-negative")
+        if item_id >= self._start.size:
+            size = max(item_id + 1, 2 * self._start.size)
+            start = np.full(size, -1, dtype=np.int64)
+            start[: self._start.size] = self._start
+            length = np.zeros(size, dtype=np.int32)
+            length[: self._len.size] = self._len
+            self._start, self._len = start, length
+        if self._start[item_id] >= 0:
+            return  # immutable once assigned
+        raw = external_id.encode()
+        self._start[item_id] = len(self._buf)
+        self._len[item_id] = len(raw)
+        self._buf += raw
+        self._n += 1
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, int | np.integer) and 0 <= int(item_id) < self._start.size and bool(
+            self._start[int(item_id)] >= 0
+        )
+
+    def __getitem__(self, item_id: int) -> str:
+        if item_id not in self:
+            raise KeyError(item_id)
+        a = int(self._start[item_id])
+        return self._buf[a : a + int(self._len[item_id])].decode()
+
+    def get(self, item_id: int, default: str | None = None) -> str | None:
+        return self[item_id] if item_id in self else default
+
+    def __len__(self) -> int:
+        return self._n
+
+
 class VectorIndex:
     """One embedding space's index; FAISS ids are item ids. Not thread-safe: `IndexSet` locks it."""
 
@@ -141,7 +240,7 @@ class VectorIndex:
         self.on_gpu = self._kind == "flat" and gpu_available(use_gpu)
         # Tombstone mode keeps sequential internal positions -> item ids and a host copy of the vectors.
         self.tombstones = self.on_gpu or self._kind == "hnsw"
-        self._ids: set[int] = set()
+        self._ids = IdSet()
         self._dead: set[int] = set()
         self._pos_ids = np.zeros(0, dtype=np.int64)
         self._host = np.zeros((0, dim), dtype=np.float32)
@@ -161,9 +260,10 @@ class VectorIndex:
             if self.on_gpu:
                 return faiss.GpuIndexFlatL2(_gpu_resources(), self.dim, faiss.GpuIndexFlatConfig())  # type: ignore[call-overload]
             return faiss.index_factory(self.dim, factory, faiss.METRIC_L2)
-        if self._kind == "ivf":
-            return faiss.index_factory(self.dim, factory, faiss.METRIC_L2)
-        return faiss.IndexIDMap2(faiss.index_factory(self.dim, factory, faiss.METRIC_L2))
+        if self._kind == "ivf":  # staged: exact until `_promote_if_ready` trains the IVF
+            return faiss.IndexIDMap(faiss.IndexFlatL2(self.dim))
+        # IndexIDMap, not IndexIDMap2: nothing reconstructs by id, and the reverse map costs ~40 B/item.
+        return faiss.IndexIDMap(faiss.index_factory(self.dim, factory, faiss.METRIC_L2))
 
     # --- size and membership -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -173,20 +273,28 @@ class VectorIndex:
         return item_id in self._ids
 
     def ids(self) -> set[int]:
-        return set(self._ids)
+        return self._ids.to_set()
 
     # --- writes --------------------------------------------------------------------------------------
-    def _train_if_needed(self, vecs: np.ndarray) -> None:
-        if self._index.is_trained:
+    @property
+    def staged(self) -> bool:
+        """An IVF space still served by its exact staging index (too few vectors to train yet)."""
+        return self._kind == "ivf" and not isinstance(self._index, faiss.IndexIVF)
+
+    def _promote_if_ready(self) -> None:
+        m = re.match(r"IVF(\d+)", self.factory, flags=re.IGNORECASE)
+        nlist = int(m.group(1)) if m else 1
+        n = self._index.ntotal
+        if n < nlist * MIN_POINTS_PER_CENTROID:
             return
-        m = re.match(r"IVF(\d+)(.*)", self.factory, flags=re.IGNORECASE)
-        if m is not None:
-            nlist = int(m.group(1))
-            fit = max(1, min(nlist, vecs.shape[0] // MIN_POINTS_PER_CENTROID))
-            if fit != nlist:
-                log.info("IVF nlist %d -> %d for %d training vectors", nlist, fit, vecs.shape[0])
-                self._index = faiss.index_factory(self.dim, f"IVF{fit}{m.group(2)}", faiss.METRIC_L2)
-        self._index.train(vecs)
+        staging = self._index
+        ids = faiss.vector_to_array(staging.id_map).astype(np.int64)
+        vecs = staging.index.reconstruct_n(0, n)
+        ivf = faiss.index_factory(self.dim, self.factory, faiss.METRIC_L2)
+        ivf.train(vecs)
+        ivf.add_with_ids(vecs, ids)
+        self._index = ivf
+        log.info("IVF index %s trained on %d vectors (space %s)", self.factory, n, self.space)
 
     def add(self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray) -> None:
         """Add vectors under item ids; an id already present is replaced."""
@@ -200,8 +308,8 @@ class VectorIndex:
             _, last = np.unique(ids_a[::-1], return_index=True)
             keep = np.sort(ids_a.size - 1 - last)
             ids_a, v = ids_a[keep], v[keep]
-        present = [int(i) for i in ids_a if int(i) in self._ids]
-        if present:
+        present = ids_a[self._ids.mask(ids_a)]
+        if present.size:
             self.remove(present)
         if self.tombstones:
             revived = self._dead.intersection(int(i) for i in ids_a)
@@ -211,23 +319,23 @@ class VectorIndex:
             self._pos_ids = np.concatenate([self._pos_ids, ids_a])
             self._host = np.concatenate([self._host, v])
         else:
-            self._train_if_needed(v)
             self._index.add_with_ids(v, ids_a)
-        self._ids.update(int(i) for i in ids_a)
+        self._ids.add(ids_a)
+        if self.staged:
+            self._promote_if_ready()
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Remove item ids (absent ones are ignored); returns how many were present."""
-        gone = [int(i) for i in _as_ids(ids) if int(i) in self._ids]
-        if not gone:
+        gone = self._ids.discard(_as_ids(ids))
+        if not gone.size:
             return 0
-        self._ids.difference_update(gone)
         if self.tombstones:
-            self._dead.update(gone)
+            self._dead.update(int(i) for i in gone)
             if len(self._dead) > max(TOMBSTONE_REBUILD_MIN, TOMBSTONE_REBUILD_FRACTION * len(self._pos_ids)):
                 self._compact()
         else:
-            self._index.remove_ids(np.asarray(gone, dtype=np.int64))  # type: ignore[arg-type]
-        return len(gone)
+            self._index.remove_ids(gone)  # type: ignore[arg-type]
+        return int(gone.size)
 
     def _compact(self) -> None:
         """Tombstone mode: rebuild the index from the host copy without dead positions."""
@@ -394,7 +502,7 @@ class IndexManager:
 
     def __init__(self) -> None:
         self._current: IndexSet | None = None
-        self.external_ids: dict[int, str] = {}  # item id -> external id (immutable once assigned)
+        self.external_ids = ExternalIds()  # item id -> external id (immutable once assigned)
 
     @property
     def current(self) -> IndexSet | None:

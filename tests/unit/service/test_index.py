@@ -167,3 +167,25 @@ def test_rwlock_excludes_writer_from_readers() -> None:
     for t in ts:
         t.join()
     assert not state["bad"]
+
+
+def test_ivf_is_exact_until_it_can_train_then_trains_on_everything_held() -> None:
+    rng = np.random.default_rng(7)
+    vi = VectorIndex(8, "IVF4,Flat")
+    first = rng.standard_normal((100, 8)).astype(np.float32)
+    vi.add(np.arange(100), first)
+    assert vi.staged  # 100 < 4 lists x 39 points: still the exact staging index
+    d, i = vi.search(first[:5], 3)
+    assert i[:, 0].tolist() == list(range(5)) and np.allclose(d[:, 0], 0.0, atol=1e-5)
+
+    more = rng.standard_normal((100, 8)).astype(np.float32)
+    vi.add(np.arange(100, 200), more)
+    assert not vi.staged and len(vi) == 200
+    assert vi._index.ntotal == 200 and vi._index.nlist == 4  # trained with the configured nlist
+    # every vector (from both adds) is found as its own nearest neighbour
+    allv = np.concatenate([first, more])
+    _, i = vi.search(allv, 1)
+    assert i[:, 0].tolist() == list(range(200))
+    vi.remove([0, 150])
+    _, i = vi.search(allv[[0, 150]], 5)
+    assert 0 not in i and 150 not in i
