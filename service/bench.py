@@ -268,7 +268,9 @@ def section_merge(cfg: BenchConfig, art: Artifacts) -> dict[str, Any]:
             nq = (cfg.q(60, 10) if big else cfg.q(300, 20)) if batch == 1 else (cfg.q(12, 3) if big else cfg.q(60, 5))
             r = bs.bench_merge(n, nq, k, batch, 64, factory=factory)
             rows.append({"data": f"synthetic random unit d=64 ({n:,})", **r})
-    notes.append("IVF: the service's VectorIndex (exact until 39 x nlist vectors, then trained on all; nprobe = FAISS default 1)")
+    notes.append(
+        "IVF: the service's VectorIndex (exact until 39 x nlist vectors, then trained on all; nprobe = FAISS default 1)"
+    )
     return {"rows": rows, "notes": notes}
 
 

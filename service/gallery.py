@@ -74,10 +74,7 @@ def _add_items(session: Session, encoders: EncoderSource, items: list[NewItem]) 
     seen: dict[str, NewItem] = {}
     for it in items:  # the last occurrence of a repeated id wins within one request
         seen[it.external_id] = it
-    rows = {
-        r.external_id: r
-        for r in session.scalars(sa.select(Item).where(Item.external_id.in_(list(seen)))).all()
-    }
+    rows = {r.external_id: r for r in session.scalars(sa.select(Item).where(Item.external_id.in_(list(seen)))).all()}
     models = write_models(session)
     created: list[str] = []
     existing: list[str] = []
@@ -107,9 +104,7 @@ def _add_items(session: Session, encoders: EncoderSource, items: list[NewItem]) 
         for name in models:
             vecs = encoders.encoder(name).embed(images)
             for (row, _), v in zip(todo, vecs, strict=True):
-                embeddings.append(
-                    {"item_id": row.id, "model_version": name, "vector": np.asarray(v, "<f4").tobytes()}
-                )
+                embeddings.append({"item_id": row.id, "model_version": name, "vector": np.asarray(v, "<f4").tobytes()})
         result = session.execute(sa.insert(Embedding).returning(Embedding.seq), embeddings)
         max_seq = max(int(s) for s in result.scalars().all())
     session.commit()
@@ -121,9 +116,7 @@ def get_item(session: Session, external_id: str) -> dict[str, Any]:
     if row is None or row.deleted_at is not None:
         raise GalleryError("id", f"item {external_id!r} does not exist", 404)
     models = session.scalars(
-        sa.select(Embedding.model_version)
-        .where(Embedding.item_id == row.id)
-        .order_by(Embedding.model_version)
+        sa.select(Embedding.model_version).where(Embedding.item_id == row.id).order_by(Embedding.model_version)
     ).all()
     return {
         "id": row.external_id,
@@ -144,9 +137,7 @@ def delete_item(session: Session, external_id: str) -> int:
         raise GalleryError("id", f"item {external_id!r} does not exist", 404)
     other = aliased(Item)  # an alias, or the subquery would correlate to the row being updated
     next_seq = sa.select(sa.func.coalesce(sa.func.max(other.deleted_seq), 0) + 1).scalar_subquery()
-    session.execute(
-        sa.update(Item).where(Item.id == row.id).values(deleted_at=utcnow(), deleted_seq=next_seq)
-    )
+    session.execute(sa.update(Item).where(Item.id == row.id).values(deleted_at=utcnow(), deleted_seq=next_seq))
     session.commit()
     return row.id
 

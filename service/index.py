@@ -171,8 +171,10 @@ class IdSet:
         return present
 
     def __contains__(self, item_id: object) -> bool:
-        return isinstance(item_id, int | np.integer) and 0 <= int(item_id) < self._bits.size and bool(
-            self._bits[int(item_id)]
+        return (
+            isinstance(item_id, int | np.integer)
+            and 0 <= int(item_id) < self._bits.size
+            and bool(self._bits[int(item_id)])
         )
 
     def __len__(self) -> int:
@@ -211,8 +213,10 @@ class ExternalIds:
         self._n += 1
 
     def __contains__(self, item_id: object) -> bool:
-        return isinstance(item_id, int | np.integer) and 0 <= int(item_id) < self._start.size and bool(
-            self._start[int(item_id)] >= 0
+        return (
+            isinstance(item_id, int | np.integer)
+            and 0 <= int(item_id) < self._start.size
+            and bool(self._start[int(item_id)] >= 0)
         )
 
     def __getitem__(self, item_id: int) -> str:
@@ -222,7 +226,7 @@ class ExternalIds:
         return self._buf[a : a + int(self._len[item_id])].decode()
 
     def get(self, item_id: int, default: str | None = None) -> str | None:
-        return self[item_id] if item_id in self else default
+        return self[item_id] if item_id in self else default  # noqa: SIM401 (this IS get)
 
     def __len__(self) -> int:
         return self._n
@@ -288,6 +292,7 @@ class VectorIndex:
         if n < nlist * MIN_POINTS_PER_CENTROID:
             return
         staging = self._index
+        assert isinstance(staging, faiss.IndexIDMap)
         ids = faiss.vector_to_array(staging.id_map).astype(np.int64)
         vecs = staging.index.reconstruct_n(0, n)
         ivf = faiss.index_factory(self.dim, self.factory, faiss.METRIC_L2)

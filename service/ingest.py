@@ -224,9 +224,7 @@ class Follower:
             cursor.del_hw = int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(Item.deleted_seq), 0))) or 0)
         new = old = None
         if layout.query_model is not None:
-            new = VectorIndex(
-                dims[layout.query_model], self.factory, space=str(layout.new_space), use_gpu=self.use_gpu
-            )
+            new = VectorIndex(dims[layout.query_model], self.factory, space=str(layout.new_space), use_gpu=self.use_gpu)
         if layout.in_rollout:
             old_dim = dims[str(layout.to_model)] if layout.mode == "forward" else dims[str(layout.from_model)]
             old = VectorIndex(old_dim, self.factory, space=str(layout.old_space), use_gpu=self.use_gpu)

@@ -50,9 +50,7 @@ def _register_once(session: Session, artifacts_dir: Path, default_model: str | N
             res.added.append(name)
         elif row.checksum != checksum:
             res.conflicts.append(name)
-            log.warning(
-                "model %s: %s differs from the registered artifact; not re-registered", name, directory
-            )
+            log.warning("model %s: %s differs from the registered artifact; not re-registered", name, directory)
         elif row.artifact_path != str(directory.resolve()):
             row.artifact_path = str(directory.resolve())
             res.updated.append(name)
@@ -101,9 +99,7 @@ def _register_once(session: Session, artifacts_dir: Path, default_model: str | N
     return res
 
 
-def register_artifacts(
-    session: Session, artifacts_dir: Path, default_model: str | None = None
-) -> RegisterResult:
+def register_artifacts(session: Session, artifacts_dir: Path, default_model: str | None = None) -> RegisterResult:
     """Register every encoder and compat pack under `artifacts_dir`; make `default_model` serving when no
     model serves yet. Safe to run concurrently from several processes (a lost insert race is retried)."""
     try:
@@ -118,9 +114,7 @@ def register_artifacts(
 
 def list_models(session: Session) -> dict[str, list[dict[str, object]]]:
     """The GET /models body: model versions and compat packs."""
-    models = session.scalars(
-        sa.select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.name)
-    ).all()
+    models = session.scalars(sa.select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.name)).all()
     packs = session.scalars(sa.select(CompatPack).order_by(CompatPack.id)).all()
     return {
         "models": [

@@ -289,10 +289,7 @@ def create_rollout(
 
 def _lock(session: Session, rollout_id: int) -> Rollout:
     rollout = session.scalars(
-        sa.select(Rollout)
-        .where(Rollout.id == rollout_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
+        sa.select(Rollout).where(Rollout.id == rollout_id).with_for_update().execution_options(populate_existing=True)
     ).one_or_none()
     if rollout is None:
         session.rollback()
@@ -374,9 +371,7 @@ def abort(
     return rollout
 
 
-def complete(
-    session: Session, settings: Settings, rollout_id: int, r: redis.Redis | None = None
-) -> Rollout | None:
+def complete(session: Session, settings: Settings, rollout_id: int, r: redis.Redis | None = None) -> Rollout | None:
     """Finish a running rollout whose tasks are all done or failed, in one transaction. Returns the rollout
     when this call finished it, None when it was not finishable (tasks left, or not running)."""
     rollout = _lock(session, rollout_id)
@@ -402,9 +397,7 @@ def complete(
         session.execute(
             sa.update(ModelVersion).where(ModelVersion.name == rollout.from_version).values(status="retired")
         )
-        session.execute(
-            sa.update(ModelVersion).where(ModelVersion.name == rollout.to_version).values(status="serving")
-        )
+        session.execute(sa.update(ModelVersion).where(ModelVersion.name == rollout.to_version).values(status="serving"))
     session.commit()
     _publish(r, rollout)
     if rollout.status == "completed":
@@ -496,8 +489,7 @@ def enqueue_drivers(r: redis.Redis, settings: Settings, rollout_id: int, slots: 
     """Make sure `slots` backfill drivers exist for the rollout; returns how many were enqueued."""
     n = slots if slots is not None else driver_slots(r, settings)
     return sum(
-        _enqueue_unique(r, settings, DRIVER_JOB, rollout_id, driver_job_id(rollout_id, slot))
-        for slot in range(n)
+        _enqueue_unique(r, settings, DRIVER_JOB, rollout_id, driver_job_id(rollout_id, slot)) for slot in range(n)
     )
 
 

@@ -30,7 +30,7 @@ from service.config import Settings
 from service.db import make_engine, make_sessionmaker
 from service.db.models import CompatPack as CompatPackRow
 from service.db.models import ModelVersion
-from service.index import IndexManager, IndexSet, Layout
+from service.index import ExternalIds, IndexManager, IndexSet, Layout
 from service.ingest import Follower
 from service.merge import Hit, merge_topk
 from service.metrics import SEARCH_STAGE_SECONDS
@@ -252,5 +252,5 @@ class Runtime:
         return results, serving_of(ix)
 
 
-def _hit(h: Hit, ext: dict[int, str]) -> SearchHit:
+def _hit(h: Hit, ext: ExternalIds) -> SearchHit:
     return SearchHit(ext[h.item_id], h.distance, h.source)

@@ -68,9 +68,7 @@ def watch(api_url: str, rollout_id: int, interval: float = 1.0) -> dict[str, Any
             bar.total = max(r["total"], 1)
             bar.n = r["done"]
             eta = "?" if r["eta_seconds"] is None else f"{r['eta_seconds']:.0f}s"
-            bar.set_postfix(
-                status=r["status"], failed=r["failed"], rate=f"{r['items_per_second']:.1f}/s", eta=eta
-            )
+            bar.set_postfix(status=r["status"], failed=r["failed"], rate=f"{r['items_per_second']:.1f}/s", eta=eta)
             bar.refresh()
             if r["status"] in TERMINAL:
                 break
@@ -83,9 +81,7 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
     name: Annotated[str | None, typer.Option(help="RQ worker name.")] = None,
     maintenance_seconds: Annotated[float, typer.Option(help="Re-enqueue / retention interval.")] = 10.0,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Override BACKFILL_METRICS_PORT (0 = off).")
-    ] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Override BACKFILL_METRICS_PORT (0 = off).")] = None,
 ) -> None:
     """Run a backfill worker (plans rollouts and backfills embeddings)."""
     from worker.main import run_worker
@@ -122,9 +118,7 @@ def upgrade(
 
 def status(
     rollout_id: Annotated[int | None, typer.Argument(help="Rollout id (default: the newest).")] = None,
-    follow: Annotated[
-        bool, typer.Option("--watch", help="Live progress bar with ETA until it ends.")
-    ] = False,
+    follow: Annotated[bool, typer.Option("--watch", help="Live progress bar with ETA until it ends.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between polls with --watch.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rollout JSON.")] = False,
     api_url: str = API_URL,

@@ -170,9 +170,7 @@ def _insert(ctx: WorkerContext, model: Any) -> Any:
     return postgresql.insert(model) if ctx.is_postgres else sqlite.insert(model)
 
 
-def compute_priorities(
-    session: Session, ctx: WorkerContext, rollout: Rollout, item_ids: np.ndarray
-) -> np.ndarray:
+def compute_priorities(session: Session, ctx: WorkerContext, rollout: Rollout, item_ids: np.ndarray) -> np.ndarray:
     """Priority per item (higher = earlier) from the rollout's policy."""
     if rollout.policy == "fifo":
         return -item_ids.astype(np.float64)
@@ -367,9 +365,7 @@ def commit_batch(
         return res
     if held:
         live = set(
-            session.scalars(
-                sa.select(Item.id).where(Item.id.in_(list(held.values())), Item.deleted_at.is_(None))
-            ).all()
+            session.scalars(sa.select(Item.id).where(Item.id.in_(list(held.values())), Item.deleted_at.is_(None))).all()
         )
         payload = [
             {
@@ -417,9 +413,7 @@ def prepare(ctx: WorkerContext, rollout: Rollout, n: int) -> Prepared:
     task_of = {iid: tid for tid, iid in claimed.tasks.items()}
     try:
         with ctx.sessionmaker() as s:
-            rows = s.execute(
-                sa.select(Item.id, Item.payload, Item.deleted_at).where(Item.id.in_(list(task_of)))
-            ).all()
+            rows = s.execute(sa.select(Item.id, Item.payload, Item.deleted_at).where(Item.id.in_(list(task_of)))).all()
         images = []
         for iid, payload, deleted_at in rows:
             if deleted_at is not None:
@@ -455,9 +449,7 @@ def encode(ctx: WorkerContext, rollout: Rollout, prep: Prepared) -> dict[int, np
         return {}
 
 
-def finish(
-    ctx: WorkerContext, rollout: Rollout, prep: Prepared, vectors: dict[int, np.ndarray]
-) -> BatchResult:
+def finish(ctx: WorkerContext, rollout: Rollout, prep: Prepared, vectors: dict[int, np.ndarray]) -> BatchResult:
     """Commit a batch (see `commit_batch`), then metrics and the EMBEDDINGS event."""
     with ctx.sessionmaker() as s:
         res = commit_batch(s, ctx, rollout, prep.claimed, vectors, prep.errors)
@@ -527,9 +519,7 @@ class DriveSummary:
     outcome: str = ""
 
 
-def drive(
-    ctx: WorkerContext, rollout_id: int, on_batch: Callable[[BatchResult], None] | None = None
-) -> DriveSummary:
+def drive(ctx: WorkerContext, rollout_id: int, on_batch: Callable[[BatchResult], None] | None = None) -> DriveSummary:
     """The driver loop (see the module docstring). Returns when the rollout is not running, is finished,
     or the worker is stopping.
 

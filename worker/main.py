@@ -55,9 +55,7 @@ def run_worker(
     metrics_port: int | None = None,
 ) -> None:
     """Run a backfill worker until stopped (or, with `burst`, until the queue is empty)."""
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     port = settings.metrics_port if metrics_port is None else metrics_port
     if port > 0:
         from prometheus_client import start_http_server

@@ -103,9 +103,7 @@ def seed_gallery(
         )
     )
     imgs = gallery_images(n_items) if images is None else images
-    items = [
-        Item(external_id=f"img-{i}", payload=encode_png(img), label=i % 10) for i, img in enumerate(imgs)
-    ]
+    items = [Item(external_id=f"img-{i}", payload=encode_png(img), label=i % 10) for i, img in enumerate(imgs)]
     session.add_all(items)
     session.flush()
     if v1_embeddings:

@@ -37,9 +37,7 @@ class ItemsOut(BaseModel):
 
 
 @router.post("/items", response_model=ItemsOut, dependencies=[OperatorDep])
-def post_items(
-    body: ItemsIn, session: SessionDep, runtime: RuntimeDep, settings: SettingsDep
-) -> dict[str, Any]:
+def post_items(body: ItemsIn, session: SessionDep, runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
     """Store items (original bytes + embeddings in one transaction); idempotent on the id."""
     new = []
     for i, it in enumerate(body.items):

@@ -48,9 +48,7 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     if runtime.follower is not None and runtime.follower.last_error:
         checks["ingestion"] = runtime.follower.last_error
     ok = all(checks[k] == "ok" for k in ("database", "redis", "indices"))
-    return JSONResponse(
-        status_code=200 if ok else 503, content={"status": "ready" if ok else "not ready", **checks}
-    )
+    return JSONResponse(status_code=200 if ok else 503, content={"status": "ready" if ok else "not ready", **checks})
 
 
 @router.get("/metrics", include_in_schema=False)

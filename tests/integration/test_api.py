@@ -56,8 +56,7 @@ def add(client: TestClient, imgs: np.ndarray, prefix: str = "item") -> list[str]
         "/items",
         json={
             "items": [
-                {"id": i, "image_b64": b64(im), "label": n % 3}
-                for n, (i, im) in enumerate(zip(ids, imgs, strict=True))
+                {"id": i, "image_b64": b64(im), "label": n % 3} for n, (i, im) in enumerate(zip(ids, imgs, strict=True))
             ]
         },
         headers=AUTH,
@@ -93,9 +92,7 @@ def test_gallery_and_search_contract(client: TestClient) -> None:
     assert body["results"][0]["id"] == ids[3] and body["results"][0]["distance"] < 1e-5
     assert all(set(h) == {"id", "distance", "source"} and h["source"] == "new" for h in body["results"])
     # Batch: results in query order.
-    r = client.post(
-        "/search/batch", json={"queries": [{"image_b64": b64(imgs[i])} for i in (7, 2, 9)], "k": 3}
-    )
+    r = client.post("/search/batch", json={"queries": [{"image_b64": b64(imgs[i])} for i in (7, 2, 9)], "k": 3})
     assert r.status_code == 200
     assert [row[0]["id"] for row in r.json()["results"]] == [ids[7], ids[2], ids[9]]
     # NPY input works too.
@@ -115,9 +112,7 @@ def test_gallery_and_search_contract(client: TestClient) -> None:
     add(client, imgs[5:6], prefix="x")  # unrelated item
     r = client.post("/items", json={"items": [{"id": ids[5], "image_b64": b64(imgs[5])}]}, headers=AUTH)
     assert r.json()["revived"] == [ids[5]]
-    hits = [
-        h["id"] for h in client.post("/search", json={"image_b64": b64(imgs[5]), "k": 50}).json()["results"]
-    ]
+    hits = [h["id"] for h in client.post("/search", json={"image_b64": b64(imgs[5]), "k": 50}).json()["results"]]
     assert hits.count(ids[5]) == 1
 
 
@@ -262,9 +257,7 @@ def test_bad_shapes_and_sizes(client: TestClient) -> None:
     assert r.status_code == 413 and r.json()["detail"]["field"] == "body"
     r = client.post("/search", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
-    r = client.post(
-        "/search/batch", json={"queries": [{"image_b64": b64(images(1)[0])}, {"image_b64": "@@"}]}
-    )
+    r = client.post("/search/batch", json={"queries": [{"image_b64": b64(images(1)[0])}, {"image_b64": "@@"}]})
     assert r.status_code == 422 and r.json()["detail"]["field"] == "queries[1].image_b64"
     r = client.post("/search/batch", json={"queries": []})
     assert r.status_code == 422 and r.json()["detail"]["field"] == "queries"

@@ -52,10 +52,7 @@ def add_items(s: Session, n: int, vecs: np.ndarray, prefix: str = "i") -> list[i
     s.flush()
     s.execute(
         sa.insert(Embedding),
-        [
-            {"item_id": it.id, "model_version": "v1", "vector": vecs[j].tobytes()}
-            for j, it in enumerate(items)
-        ],
+        [{"item_id": it.id, "model_version": "v1", "vector": vecs[j].tobytes()} for j, it in enumerate(items)],
     )
     return [it.id for it in items]
 
@@ -123,9 +120,7 @@ def test_deletes_and_rolled_back_gaps(sm: sessionmaker[Session]) -> None:
     assert ix.side_of(ids[2]) is None and ix.sides()["new"] == 5
 
 
-def test_every_live_item_found_exactly_once_during_ingestion(
-    sm: sessionmaker[Session], settings: Settings
-) -> None:
+def test_every_live_item_found_exactly_once_during_ingestion(sm: sessionmaker[Session], settings: Settings) -> None:
     """Invariant 1: the follower (woken by Redis events) moves items OLD -> NEW as a writer commits v2
     embeddings in batches, while reader threads search with each item's own vectors."""
     rng = np.random.default_rng(2)
@@ -179,10 +174,7 @@ def test_every_live_item_found_exactly_once_during_ingestion(
             with sm() as s:
                 s.execute(
                     sa.insert(Embedding),
-                    [
-                        {"item_id": ids[j], "model_version": "v2", "vector": v2[j].tobytes()}
-                        for j in order[b : b + 40]
-                    ],
+                    [{"item_id": ids[j], "model_version": "v2", "vector": v2[j].tobytes()} for j in order[b : b + 40]],
                 )
                 s.commit()
             events.publish(r, events.EMBEDDINGS)

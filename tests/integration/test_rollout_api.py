@@ -99,15 +99,11 @@ def _queued_ids(s: Settings) -> list[str]:
 def test_upgrade_returns_202_and_enqueues_the_plan(client: TestClient, s: Settings) -> None:
     pubsub = make_redis(s).pubsub()
     pubsub.subscribe(events.CHANNEL)
-    r = client.post(
-        "/upgrade", json={"to": "v2", "mode": "forward", "policy": "fifo", "batch_size": 7}, headers=AUTH
-    )
+    r = client.post("/upgrade", json={"to": "v2", "mode": "forward", "policy": "fifo", "batch_size": 7}, headers=AUTH)
     assert r.status_code == 202, r.text
     body = r.json()
     assert set(body) == ROLLOUT_KEYS
-    assert (
-        body["from"] == "v1" and body["to"] == "v2" and body["mode"] == "forward" and body["policy"] == "fifo"
-    )
+    assert body["from"] == "v1" and body["to"] == "v2" and body["mode"] == "forward" and body["policy"] == "fifo"
     assert body["status"] == "planning" and body["batch_size"] == 7 and body["total"] == 0
     assert _queued_ids(s) == [domain.plan_job_id(body["id"])]
     msgs = [pubsub.get_message(timeout=1.0) for _ in range(2)]
@@ -153,19 +149,12 @@ def test_missing_compat_pack_is_refused(client: TestClient, db: sa.orm.sessionma
         session.execute(sa.delete(CompatPack))
         session.commit()
     r = client.post("/upgrade", json={"to": "v2"}, headers=AUTH)
-    assert (
-        r.status_code == 422
-        and r.json()["detail"]["field"] == "to"
-        and "compat" in r.json()["detail"]["problem"]
-    )
+    assert r.status_code == 422 and r.json()["detail"]["field"] == "to" and "compat" in r.json()["detail"]["problem"]
 
 
 def test_mutations_need_the_operator_token(client: TestClient) -> None:
     assert client.post("/upgrade", json={"to": "v2"}).status_code == 401
-    assert (
-        client.post("/upgrade", json={"to": "v2"}, headers={"Authorization": "Bearer nope"}).status_code
-        == 401
-    )
+    assert client.post("/upgrade", json={"to": "v2"}, headers={"Authorization": "Bearer nope"}).status_code == 401
     rid = client.post("/upgrade", json={"to": "v2"}, headers=AUTH).json()["id"]
     for path in ("pause", "resume", "abort"):
         assert client.post(f"/rollouts/{rid}/{path}").status_code == 401
@@ -196,9 +185,7 @@ def test_control_endpoints(client: TestClient, s: Settings) -> None:
     assert domain.driver_job_id(rid, 0) in _queued_ids(s)  # resume re-enqueues the driver
 
     aborted = client.post(f"/rollouts/{rid}/abort", json={"purge": True}, headers=AUTH)
-    assert (
-        aborted.status_code == 200 and aborted.json()["status"] == "aborted" and aborted.json()["finished_at"]
-    )
+    assert aborted.status_code == 200 and aborted.json()["status"] == "aborted" and aborted.json()["finished_at"]
     conflict = client.post(f"/rollouts/{rid}/resume", headers=AUTH)
     assert conflict.status_code == 409 and conflict.json()["detail"]["field"] == "status"
     assert client.post(f"/rollouts/{rid}/abort", headers=AUTH).status_code == 409
@@ -210,9 +197,7 @@ def test_control_endpoints(client: TestClient, s: Settings) -> None:
     assert client.post("/upgrade", json={"to": "v2"}, headers=AUTH).status_code == 202
 
 
-def test_concurrent_creates_give_one_success_one_conflict(
-    s: Settings, db: sa.orm.sessionmaker[Session]
-) -> None:
+def test_concurrent_creates_give_one_success_one_conflict(s: Settings, db: sa.orm.sessionmaker[Session]) -> None:
     for _round in range(5):
         barrier = threading.Barrier(2)
         outcomes: list[str] = []

@@ -32,9 +32,7 @@ TOKEN = "cli-test-operator-token-000"
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     artifacts = make_tiny_artifacts(tmp_path / "artifacts")
-    s = settings.model_copy(
-        update={"operator_token": SecretStr(TOKEN), "artifacts_dir": tmp_path / "artifacts"}
-    )
+    s = settings.model_copy(update={"operator_token": SecretStr(TOKEN), "artifacts_dir": tmp_path / "artifacts"})
     maker = make_sessionmaker(make_engine(s))
     with maker() as session:
         seed_gallery(session, artifacts, 30)

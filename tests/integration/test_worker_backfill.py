@@ -120,9 +120,7 @@ def test_claims_follow_sigma_order_exactly(settings: Settings, artifacts: dict[s
         .order_by(Embedding.item_id)
     ).all()
     vecs = np.stack([np.frombuffer(v, "<f4") for _, v in rows])
-    order = np.array([i for i, _ in rows])[
-        np.argsort(-load_compat(env.artifacts["compat"]).uncertainty(vecs))
-    ]
+    order = np.array([i for i, _ in rows])[np.argsort(-load_compat(env.artifacts["compat"]).uncertainty(vecs))]
     assert len(first.tasks) == 128 and len(second.tasks) == 128
     assert set(first.tasks.values()) == set(order[:128].tolist())  # the first batch: the highest sigma
     assert set(second.tasks.values()) == set(order[128:256].tolist())
@@ -294,9 +292,7 @@ def test_bad_payloads_fail_after_max_attempts_and_deleted_items_are_skipped(env:
     assert counts == {"pending": 0, "leased": 0, "done": len(env.items) - 2, "failed": 1}
 
 
-def test_expired_lease_is_reclaimed_and_late_commit_is_dropped(
-    settings: Settings, artifacts: dict[str, Path]
-) -> None:
+def test_expired_lease_is_reclaimed_and_late_commit_is_dropped(settings: Settings, artifacts: dict[str, Path]) -> None:
     env = make_env(settings, artifacts, 30, lease_seconds=0.3)
     rid = start(env, batch_size=10)
     rollout = domain.get_rollout(env.session, rid)
@@ -313,9 +309,7 @@ def test_expired_lease_is_reclaimed_and_late_commit_is_dropped(
     env.session.close()
 
 
-def test_retention_sweep_deletes_old_vectors_after_the_window(
-    settings: Settings, artifacts: dict[str, Path]
-) -> None:
+def test_retention_sweep_deletes_old_vectors_after_the_window(settings: Settings, artifacts: dict[str, Path]) -> None:
     env = make_env(settings, artifacts, 20, old_embedding_retention_days=0)
     rid = start(env)
     assert jobs.drive(env.ctx, rid).outcome == "completed"

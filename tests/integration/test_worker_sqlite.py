@@ -29,8 +29,7 @@ def test_sqlite_rollout_with_two_drivers(redis_url: str, tmp_path: Path) -> None
     jobs.configure(s)
     jobs.plan_rollout(rid)
     contexts = [
-        jobs.WorkerContext(s, make_sessionmaker(make_engine(s)), make_redis(s), worker_id=f"w{i}")
-        for i in (0, 1)
+        jobs.WorkerContext(s, make_sessionmaker(make_engine(s)), make_redis(s), worker_id=f"w{i}") for i in (0, 1)
     ]
     out: list[jobs.DriveSummary] = []
     threads = [threading.Thread(target=lambda c=c: out.append(jobs.drive(c, rid))) for c in contexts]

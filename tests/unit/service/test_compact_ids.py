@@ -8,9 +8,7 @@ from hypothesis import strategies as st
 
 from service.index import ExternalIds, IdSet
 
-ops = st.lists(
-    st.tuples(st.sampled_from(["add", "discard"]), st.lists(st.integers(0, 5000), max_size=20)), max_size=30
-)
+ops = st.lists(st.tuples(st.sampled_from(["add", "discard"]), st.lists(st.integers(0, 5000), max_size=20)), max_size=30)
 
 
 @settings(max_examples=200, deadline=None)

@@ -31,9 +31,7 @@ def test_merged_topk_equals_exact_topk_of_union(seed: int, m: int) -> None:
     do = ((q[:, None] - old_vecs[None]) ** 2).sum(-1) * 0.7  # "calibrated" scale differs from raw
     # Each side contributes its own top-k (what FAISS returns).
     on, oo = np.argsort(dn, axis=1)[:, :k], np.argsort(do, axis=1)[:, :k]
-    merged = merge_topk(
-        np.take_along_axis(dn, on, 1), new_ids[on], np.take_along_axis(do, oo, 1), old_ids[oo], k
-    )
+    merged = merge_topk(np.take_along_axis(dn, on, 1), new_ids[on], np.take_along_axis(do, oo, 1), old_ids[oo], k)
     # Exact top-k over the union of BOTH WHOLE sides.
     union_d = np.concatenate([dn, do], axis=1)
     union_i = np.concatenate([np.broadcast_to(new_ids, dn.shape), np.broadcast_to(old_ids, do.shape)], axis=1)

@@ -41,9 +41,7 @@ class Sigma(nn.Module):
 V1_DIM, V2_DIM = 8, 16
 
 
-def make_artifacts(
-    root: Path, seed: int = 0, calibration: dict[str, dict[str, list[float]]] | None = None
-) -> Path:
+def make_artifacts(root: Path, seed: int = 0, calibration: dict[str, dict[str, list[float]]] | None = None) -> Path:
     """Write v1/, v2/ and compat-v1-v2/ under `root`; returns `root`."""
     torch.manual_seed(seed)
     save_encoder(TinyEncoder(V1_DIM), root / "v1", {"name": "v1", "dim": V1_DIM})
@@ -51,7 +49,5 @@ def make_artifacts(
     manifest: dict[str, object] = {"from": "v1", "to": "v2", "from_dim": V1_DIM, "to_dim": V2_DIM}
     if calibration is not None:
         manifest["calibration"] = calibration
-    save_compat(
-        Normed(V2_DIM, V1_DIM), Normed(V1_DIM, V2_DIM), Sigma(V1_DIM), root / "compat-v1-v2", manifest
-    )
+    save_compat(Normed(V2_DIM, V1_DIM), Normed(V1_DIM, V2_DIM), Sigma(V1_DIM), root / "compat-v1-v2", manifest)
     return root
