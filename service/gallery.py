@@ -52,7 +52,7 @@ class AddResult:
 
 
 def write_models(session: Session) -> list[str]:
-    """Models a new item must be embedded with now (TEAM_NOTES rollout semantics)."""
+    """Models a new item must be embedded with now (docs/rollout-semantics.md)."""
     layout = read_layout(session)
     if layout.serving is None:
         raise GalleryError("model", "no model is serving; register artifacts first", 503)

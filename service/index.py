@@ -391,7 +391,7 @@ class VectorIndex:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which indices exist and what they hold, read from the database (rollout semantics of TEAM_NOTES).
+    """Which indices exist and what they hold, read from the database (docs/rollout-semantics.md).
 
     Outside a rollout: one index (`new`) of `serving`. During a rollout from -> to: NEW holds `to`
     vectors, OLD `from` vectors (mode reverse) or h(from) vectors (mode forward)."""
