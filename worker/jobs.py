@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -288,7 +288,7 @@ def claim(session: Session, ctx: WorkerContext, rollout_id: int, n: int) -> Clai
         # Lock first, then update by primary key, in one transaction. (A single UPDATE ... WHERE id IN
         # (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED) may be planned as a nested loop that re-runs the locking
         # subquery per outer row and claims far more than n rows.)
-        ids = session.scalars(pick.with_for_update(skip_locked=True)).all()
+        ids: list[int] = list(session.scalars(pick.with_for_update(skip_locked=True)).all())
         if not ids:
             session.commit()
             return Claimed(token, {})
@@ -301,7 +301,7 @@ def claim(session: Session, ctx: WorkerContext, rollout_id: int, n: int) -> Clai
             .values(**values)
             .returning(t.c.id, t.c.item_id)
         )
-    rows = session.execute(stmt).all()
+    rows: list[Any] = list(session.execute(stmt).all())
     session.commit()
     return Claimed(token, {int(tid): int(iid) for tid, iid in rows})
 
@@ -346,7 +346,7 @@ def commit_batch(
     ok_ids = [tid for tid in claimed.tasks if tid not in errors]
     held: dict[int, int] = {}
     if ok_ids:
-        rows = session.execute(
+        rows: Sequence[Any] = session.execute(
             sa.update(t)
             .where(t.c.id.in_(ok_ids), t.c.leased_by == claimed.token, t.c.state == "leased")
             .values(state="done", done_at=now, lease_expires_at=None, updated_at=now)
