@@ -7,6 +7,7 @@ Production sets ``BACKFILL_DATABASE_URL`` (Postgres) and ``BACKFILL_REDIS_URL``.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     default_model: str = Field("v1", description="Serving model of an empty database.")
     fashion_mnist_dir: Path = Field(Path("/usr/share/datasets/fashion-mnist"), description="Fashion-MNIST IDX files.")
     index_factory: str = Field("Flat", description="FAISS index factory string (Flat, IVF1024,Flat, HNSW32).")
+    index_search_params: str = Field(
+        "",
+        description="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); empty = FAISS defaults.",
+    )
     use_gpu: bool = Field(True, description="Use faiss-gpu / CUDA when present.")
     max_k: int = Field(100, ge=1, le=10_000, description="Largest k a search may ask for.")
     max_batch_queries: int = Field(256, ge=1, description="Largest /search/batch.")
@@ -70,6 +75,17 @@ class Settings(BaseSettings):
         v = v.upper()
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v
+
+    @field_validator("index_search_params")
+    @classmethod
+    def _search_params(cls, v: str) -> str:
+        v = v.strip()
+        if v and not re.fullmatch(
+            r"(nprobe|efSearch|quantizer_efSearch|max_codes)=\d+(,(nprobe|efSearch|quantizer_efSearch|max_codes)=\d+)*",
+            v,
+        ):
+            raise ValueError("must look like nprobe=16 or efSearch=128 (comma-separated name=integer pairs)")
         return v
 
     @field_validator("database_url")

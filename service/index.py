@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
@@ -235,8 +236,11 @@ class ExternalIds:
 class VectorIndex:
     """One embedding space's index; FAISS ids are item ids. Not thread-safe: `IndexSet` locks it."""
 
-    def __init__(self, dim: int, factory: str = "Flat", *, space: str = "", use_gpu: bool = False) -> None:
+    def __init__(
+        self, dim: int, factory: str = "Flat", *, space: str = "", use_gpu: bool = False, search_params: str = ""
+    ) -> None:
         self.dim = dim
+        self.search_params = search_params.strip()  # e.g. "nprobe=16" (IVF) or "efSearch=128" (HNSW)
         self.space = space  # the model version (or "v1->v2" for forward-transformed vectors) it holds
         self.factory = factory.strip() or "Flat"
         self._kind = self._classify(self.factory)
@@ -249,6 +253,13 @@ class VectorIndex:
         self._pos_ids = np.zeros(0, dtype=np.int64)
         self._host = np.zeros((0, dim), dtype=np.float32)
         self._index = self._new_index(self.factory)
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        """FAISS search parameters for the ANN index; the exact (staging, Flat) ones have none."""
+        if self.search_params and (self._kind == "hnsw" or isinstance(self._index, faiss.IndexIVF)):
+            space: Any = faiss.ParameterSpace()  # the stubs miss the (index, "name=value,...") overload
+            space.set_index_parameters(self._index, self.search_params)
 
     @staticmethod
     def _classify(factory: str) -> str:
@@ -299,6 +310,7 @@ class VectorIndex:
         ivf.train(vecs)
         ivf.add_with_ids(vecs, ids)
         self._index = ivf
+        self._apply_search_params()
         log.info("IVF index %s trained on %d vectors (space %s)", self.factory, n, self.space)
 
     def add(self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray) -> None:
@@ -349,6 +361,7 @@ class VectorIndex:
         self._host = np.ascontiguousarray(self._host[keep])
         self._dead.clear()
         self._index = self._new_index(self.factory)
+        self._apply_search_params()
         if len(self._pos_ids):
             self._index.add(self._host)
 
@@ -516,7 +529,3 @@ class IndexManager:
     def swap(self, new_set: IndexSet) -> IndexSet | None:
         old, self._current = self._current, new_set
         return old
-
-
-def make_side(dim: int, factory: str, space: str, use_gpu: bool) -> VectorIndex:
-    return VectorIndex(dim, factory, space=space, use_gpu=use_gpu)

@@ -109,6 +109,7 @@ class Follower:
         *,
         factory: str,
         use_gpu: bool,
+        search_params: str = "",
         batch_size: int,
         poll_seconds: float,
         forward: Callable[[str, str, np.ndarray], np.ndarray],
@@ -119,6 +120,7 @@ class Follower:
         self._serving_labels: list[tuple[str, str, str]] = []
         self.manager = manager
         self.factory = factory
+        self.search_params = search_params
         self.use_gpu = use_gpu
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
@@ -224,10 +226,22 @@ class Follower:
             cursor.del_hw = int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(Item.deleted_seq), 0))) or 0)
         new = old = None
         if layout.query_model is not None:
-            new = VectorIndex(dims[layout.query_model], self.factory, space=str(layout.new_space), use_gpu=self.use_gpu)
+            new = VectorIndex(
+                dims[layout.query_model],
+                self.factory,
+                space=str(layout.new_space),
+                use_gpu=self.use_gpu,
+                search_params=self.search_params,
+            )
         if layout.in_rollout:
             old_dim = dims[str(layout.to_model)] if layout.mode == "forward" else dims[str(layout.from_model)]
-            old = VectorIndex(old_dim, self.factory, space=str(layout.old_space), use_gpu=self.use_gpu)
+            old = VectorIndex(
+                old_dim,
+                self.factory,
+                space=str(layout.old_space),
+                use_gpu=self.use_gpu,
+                search_params=self.search_params,
+            )
         ix = IndexSet(layout=layout, new=new, old=old)
         self._catch_up(ix, cursor, metrics=False)
         previous = self.manager.swap(ix)

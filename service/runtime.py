@@ -126,6 +126,7 @@ class Runtime:
             self.sessionmaker,
             self.manager,
             factory=self.settings.index_factory,
+            search_params=self.settings.index_search_params,
             use_gpu=self.settings.use_gpu,
             batch_size=self.settings.rebuild_batch_size,
             poll_seconds=self.settings.ingest_poll_seconds,

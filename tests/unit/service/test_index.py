@@ -189,3 +189,17 @@ def test_ivf_is_exact_until_it_can_train_then_trains_on_everything_held() -> Non
     vi.remove([0, 150])
     _, i = vi.search(allv[[0, 150]], 5)
     assert 0 not in i and 150 not in i
+
+
+@pytest.mark.parametrize(
+    ("factory", "params", "read"),
+    [
+        ("IVF4,Flat", "nprobe=3", lambda ix: ix.nprobe),
+        ("HNSW16", "efSearch=77", lambda ix: ix.hnsw.efSearch),
+    ],
+)
+def test_search_params_reach_the_ann_index(factory: str, params: str, read) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(3)
+    vi = VectorIndex(8, factory, search_params=params)
+    vi.add(np.arange(200), rng.standard_normal((200, 8)).astype(np.float32))
+    assert read(vi._index) == int(params.split("=")[1])
