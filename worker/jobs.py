@@ -102,6 +102,11 @@ class WorkerContext:
             if key not in self._encoders:
                 log.info("loading encoder %s from %s on %s", mv.name, mv.artifact_path, self.device)
                 self._encoders[key] = load_encoder(self.resolve(mv.artifact_path), device=self.device)
+                # Export the model's series at zero before its first batch, so rate() sees the first
+                # increase (a series born at its final value has no rate).
+                metrics.WORKER_ITEMS_TOTAL.labels(model=mv.name)
+                metrics.WORKER_FAILURES_TOTAL.labels(model=mv.name)
+                metrics.WORKER_BATCH_SECONDS.labels(model=mv.name)
             return self._encoders[key]
 
     def compat(self, row: CompatPackRow) -> CompatPack:

@@ -298,7 +298,7 @@ def test_dashboard_queries_return_data_for_a_live_rollout(
         searcher.start()
         try:
             # Small batches and a throttle, so the rollout spans several scrapes.
-            r = client.post("/upgrade", headers=AUTH, json={"to": "v2", "batch_size": 8, "max_items_per_second": 16})
+            r = client.post("/upgrade", headers=AUTH, json={"to": "v2", "batch_size": 8, "max_items_per_second": 8})
             assert r.status_code == 202, r.text
             rollout_id = r.json()["id"]
             deadline = time.monotonic() + ROLLOUT_TIMEOUT
