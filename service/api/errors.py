@@ -13,6 +13,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.gallery import GalleryError
+from service.rollouts import RolloutError
 from service.runtime import NotReady
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(sa_exc.OperationalError, _unavailable)
     app.add_exception_handler(redis.ConnectionError, _unavailable)
     app.add_exception_handler(redis.TimeoutError, _unavailable)
-    try:  # the worker helper's domain errors, when that module exists
-        from service.rollouts import RolloutError
-    except ImportError:
-        return
 
     async def _rollout_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RolloutError)
