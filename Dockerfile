@@ -70,6 +70,8 @@ COPY migrations/ migrations/
 COPY models/ models/
 COPY service/ service/
 COPY worker/ worker/
+# The `backfill` command; devtools/ (bench, demo, test fakes) stays out of the image: those commands say so.
+COPY cli/ cli/
 # Shipped model and compatibility artifacts (registered by the API at start-up).
 COPY artifacts/ artifacts/
 RUN pip install --no-deps --no-build-isolation -e . \

@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## The live demo on embedded defaults (SQLite + embedded Redis): load, upgrade, measure through /search.
 demo: $(STAMP)

@@ -36,14 +36,8 @@ class DatasetMissing(FileNotFoundError):
     """A dataset file is absent; the message says how to install it."""
 
 
-def default_dir() -> Path:
-    """The configured Fashion-MNIST directory (setting ``BACKFILL_FASHION_MNIST_DIR``)."""
-    try:
-        from service.config import get_settings
-
-        return Path(get_settings().fashion_mnist_dir)
-    except Exception:  # models must work without the service package's settings
-        return Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's package puts the IDX files; callers with settings pass their own folder."""
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -65,7 +59,7 @@ def load_fashion_mnist(directory: Path | str | None = None, split: str = "train"
     """Fashion-MNIST ``split`` ("train": 60,000, "test": 10,000) -> (uint8 (N,28,28), int64 (N,))."""
     if split not in FILES:
         raise ValueError(f"split must be one of {sorted(FILES)}, got {split!r}")
-    d = Path(directory) if directory is not None else default_dir()
+    d = Path(directory) if directory is not None else DEFAULT_DIR
     paths = [d / name for name in FILES[split]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

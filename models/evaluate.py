@@ -1,4 +1,4 @@
-"""The offline evaluation harness (DESIGN.md, "Evaluation protocol"), and the definitions the service's live
+"""The offline evaluation harness (docs/design.md, "Evaluation protocol"), and the definitions the service's live
 measurement reuses: `merge_topk`, `ranked_metrics`, `policy_order`, `offline_point_fn`.
 
 Protocol: gallery = queries = N images (item id = row index), leave-one-out (a query never retrieves
@@ -385,29 +385,41 @@ def run_harness(
     progress: bool = True,
 ) -> dict[str, Any]:
     """All configurations; writes curve.json, curve.png, curve.md under `out` when given."""
-    from tqdm import tqdm
-
     t_all = time.monotonic()
     t0 = time.monotonic()
     ev, sig = build_evaluator(images, labels, artifacts_dir, old, new)
     embed_s = time.monotonic() - t0
-    n = len(labels)
     old_old, old_old_t1 = ev.single("raw")
     new_new, new_new_t1 = ev.single("new")
-    configs: list[tuple[str, str, str]] = [("raw", "random", "baseline raw merge")]
-    for mode in MODES:
-        for policy in POLICIES:
-            configs.append((mode, policy, f"{mode} / {policy}"))
     result: dict[str, Any] = {
-        "n": n,
+        "n": len(labels),
         "k": ev.k,
         "old": old,
         "new": new,
         "fractions": [float(f) for f in fractions()],
         "old_old": {"map": old_old, "top1": old_old_t1},
         "new_new": {"map": new_new, "top1": new_new_t1},
-        "curves": [],
+        "curves": all_curves(ev, sig, old_old, new_new, seed, progress),
     }
+    if dense_points > 0:
+        result["dense_timing"] = dense_timing(ev, sig, dense_points, progress)
+    result["embed_seconds"] = round(embed_s, 2)
+    result["total_seconds"] = round(time.monotonic() - t_all, 2)
+    if out is not None:
+        write_outputs(result, Path(out))
+    return result
+
+
+def all_curves(
+    ev: Evaluator, sig: dict[str, np.ndarray], old_old: float, new_new: float, seed: int, progress: bool
+) -> list[dict[str, Any]]:
+    """The raw-merge baseline and every mode x policy curve, with their summaries and timings."""
+    from tqdm import tqdm
+
+    n = len(ev.labels)
+    configs: list[tuple[str, str, str]] = [("raw", "random", "baseline raw merge")]
+    configs += [(mode, policy, f"{mode} / {policy}") for mode in MODES for policy in POLICIES]
+    curves: list[dict[str, Any]] = []
     bar = tqdm(total=len(configs) * N_POINTS, desc="backfill curves", unit="pt", disable=not progress)
     for mode, policy, name in configs:
         oracle = sig["oracle_forward"] if mode == "forward" else sig["oracle_reverse"]
@@ -415,7 +427,7 @@ def run_harness(
         t0 = time.monotonic()
         c = ev.curve(order, mode, progress=bar)
         secs = time.monotonic() - t0
-        result["curves"].append(
+        curves.append(
             {
                 "name": name,
                 "mode": mode,
@@ -427,40 +439,41 @@ def run_harness(
         )
         bar.set_postfix(last=name, secs=f"{secs:.1f}")
     bar.close()
-    if dense_points > 0:
-        # one configuration (reverse / uncertainty) both ways: FAISS top-k (a fresh evaluator, so the timing
-        # includes its full-gallery searches) against the dense n x n matrix + full sort per query, the
-        # latter timed on `dense_points` points and extrapolated to the curve's 22
-        order = policy_order("uncertainty", n, sigma=sig["sigma"])
-        fresh = Evaluator(ev.labels, ev.new, {"reverse": ev.old_spaces["reverse"]}, ev.k)
+    return curves
+
+
+def dense_timing(ev: Evaluator, sig: dict[str, np.ndarray], dense_points: int, progress: bool) -> dict[str, Any]:
+    """One configuration (reverse / uncertainty) both ways: FAISS top-k (a fresh evaluator, so the timing
+    includes its full-gallery searches) against the dense n x n matrix + full sort per query, the latter
+    timed on `dense_points` points and extrapolated to the curve's 22."""
+    from tqdm import tqdm
+
+    n = len(ev.labels)
+    order = policy_order("uncertainty", n, sigma=sig["sigma"])
+    fresh = Evaluator(ev.labels, ev.new, {"reverse": ev.old_spaces["reverse"]}, ev.k)
+    t0 = time.monotonic()
+    fc = fresh.curve(order, "reverse")
+    t_faiss = time.monotonic() - t0
+    picks = np.linspace(0, N_POINTS - 1, dense_points).round().astype(int)
+    fr = fractions()
+    t_dense, diffs = 0.0, []
+    for p in tqdm(picks, desc="dense timing", unit="pt", disable=not progress):
+        mask = np.zeros(n, bool)
+        mask[order[: n_in_new(fr[p], n)]] = True
         t0 = time.monotonic()
-        fc = fresh.curve(order, "reverse")
-        t_faiss = time.monotonic() - t0
-        picks = np.linspace(0, N_POINTS - 1, dense_points).round().astype(int)
-        fr = fractions()
-        t_dense, diffs = 0.0, []
-        for p in tqdm(picks, desc="dense timing", unit="pt", disable=not progress):
-            mask = np.zeros(n, bool)
-            mask[order[: n_in_new(fr[p], n)]] = True
-            t0 = time.monotonic()
-            dm, _ = dense_point(ev, mask, "reverse")
-            t_dense += time.monotonic() - t0
-            diffs.append(abs(dm - fc["map"][p]))
-        dense_curve = t_dense / len(picks) * N_POINTS
-        result["dense_timing"] = {
-            "configuration": "reverse / uncertainty",
-            "faiss_seconds_per_curve": t_faiss,
-            "points_timed": len(picks),
-            "dense_seconds_per_point": t_dense / len(picks),
-            "dense_seconds_per_curve_extrapolated": dense_curve,
-            "ratio_dense_over_faiss": dense_curve / max(t_faiss, 1e-9),
-            "max_abs_map_difference": float(max(diffs)),
-        }
-    result["embed_seconds"] = round(embed_s, 2)
-    result["total_seconds"] = round(time.monotonic() - t_all, 2)
-    if out is not None:
-        write_outputs(result, Path(out))
-    return result
+        dm, _ = dense_point(ev, mask, "reverse")
+        t_dense += time.monotonic() - t0
+        diffs.append(abs(dm - fc["map"][p]))
+    dense_curve = t_dense / len(picks) * N_POINTS
+    return {
+        "configuration": "reverse / uncertainty",
+        "faiss_seconds_per_curve": t_faiss,
+        "points_timed": len(picks),
+        "dense_seconds_per_point": t_dense / len(picks),
+        "dense_seconds_per_curve_extrapolated": dense_curve,
+        "ratio_dense_over_faiss": dense_curve / max(t_faiss, 1e-9),
+        "max_abs_map_difference": float(max(diffs)),
+    }
 
 
 def table(result: dict[str, Any]) -> str:

@@ -12,14 +12,15 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+from cli import rollout as rollout_cli
+from cli.main import app as cli
+from devtools.fakes import make_tiny_artifacts, seed_gallery
+from service.api.errors import install as install_error_handlers
 from service.api.rollouts import router
-from service.cli import app as cli
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
 from service.redis_conn import make_redis
-from worker import cli as worker_cli
 from worker import jobs
-from worker.testing import make_tiny_artifacts, seed_gallery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette asks for `httpx2`; its httpx fallback works
@@ -37,12 +38,13 @@ def api(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     with maker() as session:
         seed_gallery(session, artifacts, 30)
     app = FastAPI()
+    install_error_handlers(app)  # the app's handlers answer the domain's errors
     app.include_router(router)
     app.state.settings = s
     app.state.runtime = SimpleNamespace(settings=s, sessionmaker=maker, redis=make_redis(s))
     with TestClient(app) as client:
         client.headers["Authorization"] = f"Bearer {TOKEN}"
-        monkeypatch.setattr(worker_cli, "_client", lambda api_url: client)
+        monkeypatch.setattr(rollout_cli, "_client", lambda api_url: client)
         yield s
 
 

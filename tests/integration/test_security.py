@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
+from devtools.fakes import make_artifacts
 from models.preprocess import encode_png
 from service.api.app import create_app
 from service.config import REPO_ROOT, Settings
-from tests.unit.service.tiny_artifacts import make_artifacts
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -176,7 +176,7 @@ def test_token_never_appears_in_server_logs(sec_settings: Settings, tmp_path: Pa
     }
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "cli", "serve", "--port", str(port)],
             cwd=REPO_ROOT,
             env=env,
             stdout=log_file,

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from devtools.fakes import embedding_counts, make_tiny_artifacts, seed_gallery
 from service import rollouts as domain
 from service.config import REPO_ROOT, Settings
 from service.db import BackfillTask, make_engine, make_sessionmaker
 from worker import jobs
-from worker.testing import embedding_counts, make_tiny_artifacts, seed_gallery
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def _spawn(settings: Settings, name: str) -> subprocess.Popen[bytes]:
         "BACKFILL_LOG_LEVEL": "WARNING",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "--name", name, "--maintenance-seconds", "0.5"],
+        [sys.executable, "-m", "cli", "worker", "--name", name, "--maintenance-seconds", "0.5"],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

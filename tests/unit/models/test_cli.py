@@ -8,9 +8,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from cli.train import register
 from models import evaluate as E
 from models.artifacts import discover, load_compat, load_encoder
-from models.cli import register
 from models.data import load
 
 

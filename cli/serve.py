@@ -1,4 +1,4 @@
-"""`backfill serve` and `backfill models register|list`."""
+"""`backfill serve`, `backfill models register|list`."""
 
 from __future__ import annotations
 
@@ -85,10 +85,10 @@ def models_list() -> None:
     finally:
         engine.dispose()
     typer.echo(f"{'model':<12}{'dim':>6}  {'status':<12}path")
-    for m in data["models"]:
-        typer.echo(f"{m['name']!s:<12}{m['dim']!s:>6}  {m['status']!s:<12}{m['artifact_path']}")
-    for p in data["compat_packs"]:
-        typer.echo(f"compat {p['from']} -> {p['to']}  {p['artifact_path']}")
+    for m in data.models:
+        typer.echo(f"{m.name!s:<12}{m.dim!s:>6}  {m.status!s:<12}{m.artifact_path}")
+    for p in data.compat_packs:
+        typer.echo(f"compat {p.from_version} -> {p.to_version}  {p.artifact_path}")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,9 +1,9 @@
-"""`backfill` commands of the worker: `worker`, `upgrade`, `status`, `rollout pause|resume|abort|throttle`.
+"""`backfill worker`, `upgrade`, `status`, `rollout pause|resume|abort|throttle`.
 
-`worker` runs a worker process here. The rollout commands are HTTP clients of the API (`--api-url`, env
-BACKFILL_API_URL, default http://127.0.0.1:8000; the operator token comes from BACKFILL_OPERATOR_TOKEN),
-so they go through the same validation, auth and job enqueueing as any other client and need a running
-`backfill serve`.
+`worker` runs a backfill worker process here (the only worker entry point). The rollout commands are HTTP
+clients of the API (`--api-url`, env BACKFILL_API_URL, default http://127.0.0.1:8000; the operator token comes
+from BACKFILL_OPERATOR_TOKEN), so they go through the same validation, auth and job enqueueing as any other
+client and need a running `backfill serve`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""`backfill train ...` and `backfill eval ...` (registered into service/cli.py's app)."""
+"""`backfill train ...` and `backfill eval ...`: the command line of `models/`.
+
+`models` reads no settings of its own; this module resolves the defaults (artifacts folder, dataset folder)
+from the service's settings and passes them in as arguments.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import typer
 
-from service.config import REPO_ROOT
+from service.config import REPO_ROOT, get_settings
 
 if TYPE_CHECKING:
     from models.train import Recipe
@@ -20,7 +24,7 @@ train_app = typer.Typer(help="Train the encoders and the compatibility pack (CPU
 eval_app = typer.Typer(help="Offline evaluation harness (backfill curves).", no_args_is_help=True)
 
 OUT_OPT = typer.Option(REPO_ROOT / "artifacts", "--out", help="Artifacts directory.")
-DATA_OPT = typer.Option(None, "--data-dir", help="Fashion-MNIST directory (default: the setting).")
+DATA_OPT = typer.Option(None, "--data-dir", help="Fashion-MNIST directory (default: BACKFILL_FASHION_MNIST_DIR).")
 QUICK_OPT = typer.Option(False, "--quick", help="Tiny models on sklearn digits (seconds; for smoke tests).")
 THREADS_OPT = typer.Option(2, "--threads", min=1, help="torch / faiss threads.")
 
@@ -29,6 +33,10 @@ def _recipe(quick: bool) -> Recipe:
     from models.train import Recipe
 
     return Recipe.quick() if quick else Recipe()
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    return data_dir if data_dir is not None else Path(get_settings().fashion_mnist_dir)
 
 
 def _dataset_guard(fn: Callable[[], T]) -> T:
@@ -56,7 +64,7 @@ def train_encoder_cmd(
         raise typer.BadParameter("name must be v1 or v2", param_hint="name")
     set_threads(threads)
     t0 = time.monotonic()
-    paths = _dataset_guard(lambda: train_encoders(out, _recipe(quick), data_dir, which=(name,)))
+    paths = _dataset_guard(lambda: train_encoders(out, _recipe(quick), _data_dir(data_dir), which=(name,)))
     typer.echo(f"wrote {paths[name]} in {time.monotonic() - t0:.0f} s")
 
 
@@ -74,7 +82,7 @@ def train_compat_cmd(
 
     set_threads(threads)
     t0 = time.monotonic()
-    path = _dataset_guard(lambda: train_compat_pack(out, _recipe(quick), data_dir, old, new))
+    path = _dataset_guard(lambda: train_compat_pack(out, _recipe(quick), _data_dir(data_dir), old, new))
     typer.echo(f"wrote {path} in {time.monotonic() - t0:.0f} s")
 
 
@@ -86,7 +94,7 @@ def train_all_cmd(
     from models.train import set_threads, train_all
 
     set_threads(threads)
-    r = _dataset_guard(lambda: train_all(out, _recipe(quick), data_dir))
+    r = _dataset_guard(lambda: train_all(out, _recipe(quick), _data_dir(data_dir)))
     for p in r["paths"].values():
         typer.echo(f"wrote {p}")
     typer.echo(f"encoders {r['encoder_seconds']:.0f} s, compat {r['compat_seconds']:.0f} s, total {r['seconds']:.0f} s")
@@ -112,7 +120,7 @@ def eval_curve_cmd(
     from models.data import load
 
     torch.set_num_threads(threads)
-    x, y = _dataset_guard(lambda: load(dataset, "test", data_dir))
+    x, y = _dataset_guard(lambda: load(dataset, "test", _data_dir(data_dir)))
     x, y = x[:items], y[:items]
     result = evaluate.run_harness(x, y, artifacts, out, old, new, seed=seed, dense_points=dense_points)
     typer.echo(evaluate.table(result))
