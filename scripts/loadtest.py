@@ -1,8 +1,9 @@
 """Load test of POST /search during an active backfill (real Postgres + Redis, one API, one worker).
 
-Set-up as in scripts/chaos.py: a fresh database, the gallery (the 10,000 Fashion-MNIST test images with the
-shipped artifacts; tiny random artifacts + sklearn digits when artifacts/ lacks them, which the output says),
-`backfill serve` with the Flat index and `python -m worker`, then `POST /upgrade` to v2 (throttled by default
+Set-up as in the chaos run (devtools/chaos/): a fresh database, the gallery (the 10,000 Fashion-MNIST test
+images with the shipped artifacts; tiny random artifacts + sklearn digits when artifacts/ lacks them, which the
+output says),
+`backfill serve` with the Flat index and `backfill worker`, then `POST /upgrade` to v2 (throttled by default
 so that the backfill stays active for the whole measurement; --unthrottled lets it run flat out).
 
 Load: open loop at --rate requests/s for --duration seconds (asyncio + httpx, one connection pool), each
@@ -22,7 +23,6 @@ import base64
 import json
 import platform
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -32,9 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import chaos
-
+from devtools import chaos
 from models.preprocess import encode_png
 
 
@@ -79,7 +77,7 @@ async def load(url: str, queries: list[str], rate: float, duration: float, k: in
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=50.0, help="offered requests per second (open loop)")
@@ -89,19 +87,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unthrottled", action="store_true", help="let the backfill run as fast as it can")
     p.add_argument("--tiny", action="store_true", help="tiny random artifacts + digits even if artifacts/ exists")
     p.add_argument("--out", type=Path, default=chaos.REPO / "runs" / "load")
-    a = p.parse_args(argv)
+    return p
 
-    tmp = tempfile.TemporaryDirectory(prefix="backfill-load-")
-    work = Path(tmp.name)
-    art = None if a.tiny else chaos.shipped_artifacts()
+
+def _artifacts(tiny: bool, work: Path) -> tuple[Path, str]:
+    """The shipped artifacts, or tiny random ones under `work`; and which."""
+    art = None if tiny else chaos.shipped_artifacts()
     if art is None:
-        from worker.testing import make_tiny_artifacts
+        from devtools.fakes import make_tiny_artifacts
 
         art = work / "artifacts"
         make_tiny_artifacts(art, slow_reps=10)
-        artifacts = "tiny random (shipped artifacts/ missing or --tiny)"
-    else:
-        artifacts = "shipped artifacts/"
+        return art, "tiny random (shipped artifacts/ missing or --tiny)"
+    return art, "shipped artifacts/"
+
+
+def _measure(a: argparse.Namespace, api: chaos.Api, worker: chaos.Worker, images: np.ndarray) -> dict[str, Any]:
+    """Start a (throttled) rollout, wait for its progress, then the load; the figures."""
+    rng = np.random.default_rng(1)
+    queries = [base64.b64encode(encode_png(images[i])).decode() for i in rng.choice(len(images), 500, replace=False)]
+    throttle = None if a.unthrottled else round(len(images) / (a.duration + 40), 1)
+    body: dict[str, Any] = {"to": "v2", "policy": "uncertainty", "batch_size": a.batch_size}
+    if throttle:
+        body["max_items_per_second"] = throttle
+    ro = httpx.post(f"{api.url}/upgrade", json=body, headers=chaos.AUTH, timeout=30).raise_for_status().json()
+    rid = ro["id"]
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{api.url}/rollouts/{rid}", timeout=10).json()["done"] == 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"backfill made no progress:\n{worker.tail()}")
+        time.sleep(0.5)
+    before = httpx.get(f"{api.url}/rollouts/{rid}", timeout=10).json()
+    chaos.log(
+        f"backfill running ({before['done']}/{before['total']}, throttle {throttle or 'off'}); "
+        f"load {a.rate:.0f} req/s for {a.duration:.0f}s"
+    )
+    stats = asyncio.run(load(api.url, queries, a.rate, a.duration, a.k))
+    after = httpx.get(f"{api.url}/rollouts/{rid}", timeout=10).json()
+    return {
+        "offered_rps": a.rate,
+        "k": a.k,
+        "backfill_throttle_items_per_s": throttle,
+        "backfill_done_before": before["done"],
+        "backfill_done_after": after["done"],
+        "backfill_total": after["total"],
+        "backfill_status_after": after["status"],
+        "backfill_active_throughout": after["status"] in ("running", "planning") and after["done"] > before["done"],
+        **stats,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    tmp = tempfile.TemporaryDirectory(prefix="backfill-load-")
+    work = Path(tmp.name)
+    art, artifacts = _artifacts(a.tiny, work)
     images, source = chaos.gallery(a.items, shipped=artifacts.startswith("shipped"))
     db = chaos.create_database()
     stack = chaos.Stack(
@@ -122,43 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         api.start()
         worker.start()
         api.wait_ready(180)
-        rng = np.random.default_rng(1)
-        queries = [
-            base64.b64encode(encode_png(images[i])).decode() for i in rng.choice(len(images), 500, replace=False)
-        ]
-        throttle = None if a.unthrottled else round(len(images) / (a.duration + 40), 1)
-        body: dict[str, Any] = {"to": "v2", "policy": "uncertainty", "batch_size": a.batch_size}
-        if throttle:
-            body["max_items_per_second"] = throttle
-        ro = httpx.post(f"{api.url}/upgrade", json=body, headers=chaos.AUTH, timeout=30).raise_for_status().json()
-        rid = ro["id"]
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{api.url}/rollouts/{rid}", timeout=10).json()["done"] == 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"backfill made no progress:\n{worker.tail()}")
-            time.sleep(0.5)
-        before = httpx.get(f"{api.url}/rollouts/{rid}", timeout=10).json()
-        chaos.log(
-            f"backfill running ({before['done']}/{before['total']}, throttle {throttle or 'off'}); "
-            f"load {a.rate:.0f} req/s for {a.duration:.0f}s"
-        )
-        stats = asyncio.run(load(api.url, queries, a.rate, a.duration, a.k))
-        after = httpx.get(f"{api.url}/rollouts/{rid}", timeout=10).json()
+        figures = _measure(a, api, worker, images)
         result = {
             "gallery": f"{len(images)} ({source})",
             "artifacts": artifacts,
             "index": "Flat",
             "cpus": __import__("os").cpu_count(),
             "machine": platform.machine(),
-            "offered_rps": a.rate,
-            "k": a.k,
-            "backfill_throttle_items_per_s": throttle,
-            "backfill_done_before": before["done"],
-            "backfill_done_after": after["done"],
-            "backfill_total": after["total"],
-            "backfill_status_after": after["status"],
-            "backfill_active_throughout": after["status"] in ("running", "planning") and after["done"] > before["done"],
-            **stats,
+            **figures,
         }
         result["target_met"] = result["errors"] == 0 and result["p99_ms"] <= 100.0
     finally:

@@ -15,7 +15,7 @@ exact k-NN (squared L2). Index types come from a FAISS factory string:
 
 `IndexSet` is what a query sees: the single index outside a rollout, OLD and NEW during one, with a
 readers-writer lock. Writers (ingestion) change both sides of a batch under the write lock, so a reader
-holding the read lock sees every live item on exactly one side (invariant 1 of DESIGN.md). A layout
+holding the read lock sees every live item on exactly one side (invariant 1 of docs/design.md). A layout
 change (rollout start, completion, abort) builds a whole new `IndexSet` off to the side and swaps the
 manager's reference; a query that took the old reference keeps a consistent (if stale) view.
 """
@@ -40,7 +40,7 @@ TOMBSTONE_REBUILD_MIN = 1024
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns below this
 # Searches of at most this many queries run on one OpenMP thread. FAISS's thread count is per calling
 # thread and defaults to every core in a request thread (uvicorn's pool): for one query the OpenMP team
-# costs more than it saves, badly so on a busy host (scripts/bench: 100k Flat, 28 ms -> 0.7 ms).
+# costs more than it saves, badly so on a busy host (the bench: 100k Flat, 28 ms -> 0.7 ms).
 OMP_SERIAL_MAX_QUERIES = 16
 _omp_local = threading.local()
 

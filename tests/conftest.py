@@ -9,7 +9,6 @@ tables and an empty Redis database. When CI=true an unreachable server is an err
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from devtools.scratch_db import create_database, drop_database
 from service.config import Settings
 from service.db.models import Base
 
@@ -51,23 +51,6 @@ def pg_server_url() -> sa.URL:
     except Exception as e:
         _unavailable("PostgreSQL", e)
     return url
-
-
-def create_database(server_url: sa.URL, prefix: str = "backfill_test") -> sa.URL:
-    """Create an empty, uniquely named database on the test server and return its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    eng = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    eng.dispose()
-    return server_url.set(database=name)
-
-
-def drop_database(server_url: sa.URL, url: sa.URL) -> None:
-    eng = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-    eng.dispose()
 
 
 @pytest.fixture

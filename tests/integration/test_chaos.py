@@ -1,4 +1,4 @@
-"""A reduced chaos run (scripts/chaos.py) for CI: worker SIGKILLs, an API restart, a Redis FLUSHDB and an 8 s
+"""A reduced chaos run (devtools/chaos/) for CI: worker SIGKILLs, an API restart, a Redis FLUSHDB and an 8 s
 database outage during a rollout on the test Postgres database, a client searching all along. The Postgres
 server is not stopped here (other tests share it): the API and worker reach it through a TCP proxy that the
 run cuts. The full script stops the real server.
@@ -8,33 +8,21 @@ pending/leased, every search 2xx, the restarted API answers a fixed query set id
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
-from service.config import REPO_ROOT, Settings
+from devtools import chaos
+from service.config import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _chaos() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("backfill_chaos", REPO_ROOT / "scripts" / "chaos.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.timeout(240)
 def test_rollout_survives_worker_kills_api_restart_redis_flush_and_db_outage(
     settings: Settings, tmp_path: Path
 ) -> None:
-    chaos = _chaos()
     cfg = chaos.Config(
         items=400,
         kills=4,
@@ -75,9 +63,9 @@ def test_database_and_redis_outages_answer_503_and_search_keeps_working(settings
     import sqlalchemy as sa
     from sqlalchemy.orm import sessionmaker
 
+    from devtools.fakes import make_artifacts
     from models.preprocess import encode_png
     from service.api.app import create_app
-    from tests.unit.service.tiny_artifacts import make_artifacts
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

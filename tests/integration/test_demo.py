@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.demo import run_demo
 from service.config import Settings
-from service.demo import run_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

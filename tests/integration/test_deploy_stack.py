@@ -88,7 +88,7 @@ def _artifacts_dir(tmp_path: Path) -> Path:
     shipped = REPO / "artifacts"
     if all((shipped / d / "manifest.json").is_file() for d in ("v1", "v2", "compat-v1-v2")):
         return shipped
-    from worker.testing import make_tiny_artifacts
+    from devtools.fakes import make_tiny_artifacts
 
     out = tmp_path / "artifacts"
     make_tiny_artifacts(out)

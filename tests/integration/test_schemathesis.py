@@ -24,10 +24,10 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
+from devtools.fakes import make_tiny_artifacts, seed_gallery
 from service.api.app import create_app
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
-from worker.testing import make_tiny_artifacts, seed_gallery
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

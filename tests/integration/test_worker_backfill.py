@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from rq import Queue, SimpleWorker
 from sqlalchemy.orm import Session
 
+from devtools.fakes import embedding_counts, make_tiny_artifacts, seed_gallery
 from models.artifacts import load_compat
 from service import rollouts as domain
 from service.config import Settings
@@ -22,7 +23,6 @@ from service.db import BackfillTask, Embedding, Item, ModelVersion, make_engine,
 from service.db.models import utcnow
 from service.redis_conn import make_redis
 from worker import jobs
-from worker.testing import embedding_counts, make_tiny_artifacts, seed_gallery
 
 pytestmark = pytest.mark.integration
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from devtools.fakes import embedding_counts, make_tiny_artifacts, seed_gallery
 from service import rollouts as domain
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
 from service.db.migrate import upgrade_head
 from service.redis_conn import make_redis
 from worker import jobs
-from worker.testing import embedding_counts, make_tiny_artifacts, seed_gallery
 
 pytestmark = pytest.mark.integration
 

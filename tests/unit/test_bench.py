@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from service.bench import BenchConfig, markdown, register, run_bench
-from tests.unit.service.tiny_artifacts import make_artifacts
+from devtools.bench import BenchConfig, markdown, register, run_bench
+from devtools.fakes import make_artifacts
 
 
 def test_bench_quick_tiny(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Backfill throughput, measured side by side in one run on this machine:
+"""Section 4: backfill throughput, measured side by side in one run on this machine:
 
 1. raw: the target encoder alone over pre-decoded images in batches (`Encoder.embed`), items/s;
 2. one worker: a rollout driven by one worker process (claim, load, decode, embed, commit), items/s;
@@ -6,11 +6,12 @@
 
 Targets: (2) / (1) >= 0.8, and (3) / (2) reported. Uses the shipped artifacts (artifacts/v1, v2,
 compat-v1-v2) and Fashion-MNIST when present, else stand-ins: the shipped CNN architectures
-(models.encoders.CNNEncoder with models.train's v1/v2 configs) with random weights (the table says which).
-Needs Postgres and Redis (a scratch database is created and dropped). Prints a markdown table and writes
-runs/bench/backfill.json.
+(models.encoders.CNNEncoder with models.train's v1/v2 configs) with random weights (the report says which).
+Needs Postgres and Redis (a scratch database is created and dropped). The section runs it as shipped, then
+once more with OMP_WAIT_POLICY=PASSIVE in the worker processes. Standalone, it prints a markdown table and
+writes runs/bench/backfill.json:
 
-    .venv/bin/python scripts/bench_backfill.py [--items 5000] [--batch-size 256]
+    .venv/bin/python -m devtools.bench.backfill [--items 5000] [--batch-size 256]
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,60 +29,24 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from devtools.bench.common import set_threads
+from devtools.bench.config import REPO, BenchConfig
+from devtools.fakes import seed_gallery, standin_artifacts
+from models.artifacts import discover, load_encoder
+from models.preprocess import preprocess
+from service import rollouts as domain
+from service.config import Settings
+from service.db import Embedding, ModelVersion, make_engine, make_sessionmaker
+from service.db.migrate import upgrade_head
+from worker import jobs
 
-from models.artifacts import discover, load_encoder  # noqa: E402
-from models.preprocess import preprocess  # noqa: E402
-from service import rollouts as domain  # noqa: E402
-from service.config import Settings  # noqa: E402
-from service.db import Embedding, ModelVersion, make_engine, make_sessionmaker  # noqa: E402
-from service.db.migrate import upgrade_head  # noqa: E402
-from worker import jobs  # noqa: E402
-from worker.testing import seed_gallery  # noqa: E402
-
-
-def _standin_artifacts(directory: Path) -> dict[str, Path]:
-    """Random-weight encoders with the shipped architectures, so the encoder's cost is realistic."""
-    import torch
-    from torch import nn
-
-    from models.artifacts import save_compat, save_encoder
-    from models.encoders import CNNEncoder
-    from models.train import Recipe
-
-    torch.manual_seed(0)
-    cfg = Recipe()
-    out = {}
-    for name, ecfg in (("v1", cfg.v1), ("v2", cfg.v2)):
-        out[name] = save_encoder(CNNEncoder(ecfg).eval(), directory / name, {"name": name, "dim": ecfg.emb_dim})
-    d1, d2 = cfg.v1.emb_dim, cfg.v2.emb_dim
-    sigma = nn.Sequential(nn.Linear(d1, 1), nn.Flatten(0))
-    out["compat"] = save_compat(
-        nn.Linear(d2, d1),
-        nn.Linear(d1, d2),
-        sigma,
-        directory / "compat-v1-v2",
-        {"from": "v1", "to": "v2", "from_dim": d1, "to_dim": d2},
-    )
-    return out
+__all__ = ["drive", "main", "rollout", "run", "section_backfill"]
 
 
-def _images(n: int, fashion: bool, settings: Settings) -> np.ndarray:
-    if fashion:
-        import gzip
+def drive(settings_json: str, rollout_id: int, barrier: Any, out: Any) -> None:
+    """One worker process: load the model once, wait for the start signal, drive until the rollout ends.
 
-        path = settings.fashion_mnist_dir / "t10k-images-idx3-ubyte.gz"
-        with gzip.open(path) as f:
-            data = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-        return data[np.arange(n) % len(data)]
-    from worker.testing import gallery_images
-
-    return gallery_images(n)
-
-
-def _drive(settings_json: str, rollout_id: int, barrier: Any, out: Any) -> None:
-    """One worker process: load the model once, wait for the start signal, drive until the rollout ends."""
+    The target of the spawned worker processes: they import it as `devtools.bench.backfill.drive`."""
     settings = Settings.model_validate_json(settings_json)
     ctx = jobs.configure(settings)
     with ctx.sessionmaker() as s:
@@ -93,7 +57,24 @@ def _drive(settings_json: str, rollout_id: int, barrier: Any, out: Any) -> None:
     out.put({"pid": os.getpid(), "items": len(summary.embedded), "seconds": time.perf_counter() - t0})
 
 
-def _rollout(settings: Settings, maker: Any, workers: int, batch_size: int) -> dict[str, Any]:
+def _collect(procs: list[Any], out: Any) -> list[dict[str, Any]]:
+    """Every worker's report; never waits on a worker that died (e.g. the database went away)."""
+    results: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 1800
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"backfill worker process failed (exit codes {dead}) or timed out") from None
+    return results
+
+
+def rollout(settings: Settings, maker: Any, workers: int, batch_size: int) -> dict[str, Any]:
+    """A fresh rollout v1 -> v2 driven by `workers` spawned worker processes; its items/s."""
     with maker() as s:
         s.execute(sa.delete(Embedding).where(Embedding.model_version == "v2"))
         s.execute(sa.update(ModelVersion).where(ModelVersion.name == "v1").values(status="serving"))
@@ -104,22 +85,12 @@ def _rollout(settings: Settings, maker: Any, workers: int, batch_size: int) -> d
     jobs.plan_rollout(rid)
     mpc = mp.get_context("spawn")  # never fork a process that may hold CUDA or DB connections
     barrier, out = mpc.Barrier(workers + 1), mpc.Queue()
-    procs = [mpc.Process(target=_drive, args=(settings.model_dump_json(), rid, barrier, out)) for _ in range(workers)]
+    procs = [mpc.Process(target=drive, args=(settings.model_dump_json(), rid, barrier, out)) for _ in range(workers)]
     for p in procs:
         p.start()
     barrier.wait()
     t0 = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 1800
-    while len(results) < len(procs):  # never wait on a worker that died (e.g. the database went away)
-        try:
-            results.append(out.get(timeout=1.0))
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead or time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-                raise RuntimeError(f"backfill worker process failed (exit codes {dead}) or timed out") from None
+    results = _collect(procs, out)
     wall = time.perf_counter() - t0
     for p in procs:
         p.join()
@@ -136,6 +107,19 @@ def _rollout(settings: Settings, maker: Any, workers: int, batch_size: int) -> d
     }
 
 
+def _images(n: int, fashion: bool, settings: Settings) -> np.ndarray:
+    if fashion:
+        import gzip
+
+        path = settings.fashion_mnist_dir / "t10k-images-idx3-ubyte.gz"
+        with gzip.open(path) as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+        return data[np.arange(n) % len(data)]
+    from devtools.fakes import gallery_images
+
+    return gallery_images(n)
+
+
 def _raw(encoder_dir: Path, images: np.ndarray, batch_size: int, min_seconds: float = 3.0) -> dict[str, Any]:
     enc = load_encoder(encoder_dir)
     enc.embed(images[:batch_size])  # warm-up
@@ -149,6 +133,28 @@ def _raw(encoder_dir: Path, images: np.ndarray, batch_size: int, min_seconds: fl
     return {"items": done, "seconds": dt, "items_per_second": done / dt}
 
 
+def _measure(
+    settings: Settings, artifacts: dict[str, Path], items: int, batch_size: int, fashion: bool
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """On a migrated, empty database: seed the gallery; (raw encoder, one worker, two workers)."""
+    images = _images(items, fashion, settings)
+    engine = make_engine(settings)
+    maker = make_sessionmaker(engine)
+    with maker() as s:
+        seed_gallery(s, artifacts, items, images=images)
+    decoded = np.stack([preprocess(x) for x in images])  # what raw gets: no PNG decode, no DB
+    raw_before = _raw(artifacts["v2"], decoded, batch_size)
+    one = rollout(settings, maker, 1, batch_size)
+    two = rollout(settings, maker, 2, batch_size)
+    raw_after = _raw(artifacts["v2"], decoded, batch_size)
+    # On a shared host the encoder's speed drifts: the better of a window before and one after the
+    # rollouts is the baseline (the conservative choice for "worker / raw").
+    raw = max(raw_before, raw_after, key=lambda r: r["items_per_second"])
+    raw = {**raw, "before": raw_before["items_per_second"], "after": raw_after["items_per_second"]}
+    engine.dispose()
+    return raw, one, two
+
+
 def run(
     items: int = 5000,
     batch_size: int = 256,
@@ -158,7 +164,10 @@ def run(
     out: Path | None = REPO / "runs" / "bench" / "backfill.json",
 ) -> dict[str, Any]:
     """Raw encoder vs one worker vs two workers on a scratch database (created and dropped); the report."""
-    from tests.conftest import create_database, drop_database  # the test suite's scratch-database helpers
+    import redis
+    import torch
+
+    from devtools.scratch_db import create_database, drop_database
 
     encoders, packs = discover(artifacts_dir)
     shipped = {"v1", "v2"} <= set(encoders) and ("v1", "v2") in packs
@@ -168,7 +177,7 @@ def run(
         art_dir = artifacts_dir
     else:
         art_dir = scratch / "artifacts"
-        artifacts = _standin_artifacts(art_dir)
+        artifacts = standin_artifacts(art_dir)
     server = sa.engine.make_url(pg)
     db_url = create_database(server, "bench_backfill")
     try:
@@ -180,31 +189,12 @@ def run(
             metrics_port=0,
             log_level="WARNING",
         )
-        import redis
-
         redis.Redis.from_url(redis_url).flushdb()
         upgrade_head(settings)
         fashion = shipped and (settings.fashion_mnist_dir / "t10k-images-idx3-ubyte.gz").is_file()
-        images = _images(items, fashion, settings)
-        engine = make_engine(settings)
-        maker = make_sessionmaker(engine)
-        with maker() as s:
-            seed_gallery(s, artifacts, items, images=images)
-        decoded = np.stack([preprocess(x) for x in images])  # what raw gets: no PNG decode, no DB
-        raw_before = _raw(artifacts["v2"], decoded, batch_size)
-        one = _rollout(settings, maker, 1, batch_size)
-        two = _rollout(settings, maker, 2, batch_size)
-        raw_after = _raw(artifacts["v2"], decoded, batch_size)
-        # On a shared host the encoder's speed drifts: the better of a window before and one after the
-        # rollouts is the baseline (the conservative choice for "worker / raw").
-        raw = max(raw_before, raw_after, key=lambda r: r["items_per_second"])
-        raw = {**raw, "before": raw_before["items_per_second"], "after": raw_after["items_per_second"]}
-        engine.dispose()
+        raw, one, two = _measure(settings, artifacts, items, batch_size, fashion)
     finally:
         drop_database(server, db_url)
-
-    import torch
-
     report = {
         "artifacts": "shipped" if shipped else "stand-in: shipped CNN architectures, random weights",
         "data": "fashion-mnist t10k" if fashion else "sklearn digits (upscaled)",
@@ -224,6 +214,38 @@ def run(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
     return report
+
+
+def section_backfill(cfg: BenchConfig) -> dict[str, Any]:
+    """The throughput run as shipped, then once more with OMP_WAIT_POLICY=PASSIVE in the worker processes
+    (a variant: torch's spinning OpenMP threads otherwise take the cores the worker's I/O thread and
+    Postgres need on a small host)."""
+    from devtools.scratch_db import server_url
+
+    server = server_url(cfg.pg)
+    redis_url = cfg.redis.rsplit("/", 1)[0] + "/14"
+    cores = os.cpu_count() or 1
+    args = (cfg.size("backfill_items"), 256, cfg.artifacts, server.render_as_string(hide_password=False), redis_url)
+    set_threads(cores)  # raw gets the same torch threads the spawned workers get by default
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    try:
+        rep: dict[str, Any] = run(*args, cfg.out_dir / "backfill.json")
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by the spawned workers' OpenMP runtime at start
+        passive = run(*args, cfg.out_dir / "backfill-omp-passive.json")
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = saved
+        set_threads(cfg.threads)
+    rep["omp_passive"] = {
+        "raw_encoder": passive["raw_encoder"],
+        "one_worker": passive["one_worker"],
+        "two_workers": passive["two_workers"],
+        "one_worker_vs_raw": passive["one_worker_vs_raw"],
+        "two_vs_one_worker": passive["two_vs_one_worker"],
+    }
+    return rep
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""Tiny random artifacts and a seeded gallery, for the worker's tests and for the backfill benchmark when
-the shipped artifacts are absent. Not used by the running system."""
+"""Test fakes: tiny random artifacts, stand-in artifacts with the shipped architectures, and a seeded
+gallery, for the test suite, the benchmarks and the chaos run. Not used by the running system."""
 
 from __future__ import annotations
 
@@ -16,14 +16,18 @@ from models.artifacts import artifact_checksum, load_encoder, save_compat, save_
 from models.preprocess import encode_png
 from service.db.models import CompatPack, Embedding, Item, ModelVersion
 
+# ------------------------------------------------------------------------------------------ modules
+
 
 class TinyEncoder(nn.Module):
-    """Flatten + Linear + L2 normalise; `slow_reps` extra square layers make a batch take measurable time."""
+    """Flatten + Linear + L2 normalise; `slow_reps` extra square layers make a batch take measurable time.
 
-    def __init__(self, dim: int, slow_reps: int = 0, width: int = 784) -> None:
+    `mix=False` leaves the square layer out (an identity), so only the projection draws random weights."""
+
+    def __init__(self, dim: int, slow_reps: int = 0, mix: bool = True) -> None:
         super().__init__()
         self.slow_reps = slow_reps
-        self.mix = nn.Linear(784, 784)
+        self.mix: nn.Module = nn.Linear(784, 784) if mix else nn.Identity()
         self.proj = nn.Linear(784, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, dim)
@@ -33,6 +37,17 @@ class TinyEncoder(nn.Module):
         return F.normalize(self.proj(h), dim=1)
 
 
+class Normed(nn.Module):
+    """Linear + L2 normalise (a compat map psi or h)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fc(x), dim=1)
+
+
 class Sigma(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -40,6 +55,9 @@ class Sigma(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:  # (B, dim) -> (B,)
         return self.lin(v).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------- artifacts
 
 
 def make_tiny_artifacts(
@@ -59,6 +77,47 @@ def make_tiny_artifacts(
         {"from": "v1", "to": "v2", "from_dim": v1_dim, "to_dim": v2_dim},
     )
     return out
+
+
+V1_DIM, V2_DIM = 8, 16
+
+
+def make_artifacts(root: Path, seed: int = 0, calibration: dict[str, dict[str, list[float]]] | None = None) -> Path:
+    """Tiny random artifacts for service tests (v1: 8-d, v2: 16-d, normalised compat maps, an optional
+    calibration in the manifest): v1/, v2/ and compat-v1-v2/ under `root`; returns `root`."""
+    torch.manual_seed(seed)
+    save_encoder(TinyEncoder(V1_DIM, mix=False), root / "v1", {"name": "v1", "dim": V1_DIM})
+    save_encoder(TinyEncoder(V2_DIM, mix=False), root / "v2", {"name": "v2", "dim": V2_DIM})
+    manifest: dict[str, object] = {"from": "v1", "to": "v2", "from_dim": V1_DIM, "to_dim": V2_DIM}
+    if calibration is not None:
+        manifest["calibration"] = calibration
+    save_compat(Normed(V2_DIM, V1_DIM), Normed(V1_DIM, V2_DIM), Sigma(V1_DIM), root / "compat-v1-v2", manifest)
+    return root
+
+
+def standin_artifacts(directory: Path) -> dict[str, Path]:
+    """Random-weight encoders with the shipped architectures, so the encoder's cost is realistic."""
+    from models.encoders import CNNEncoder
+    from models.train import Recipe
+
+    torch.manual_seed(0)
+    cfg = Recipe()
+    out = {}
+    for name, ecfg in (("v1", cfg.v1), ("v2", cfg.v2)):
+        out[name] = save_encoder(CNNEncoder(ecfg).eval(), directory / name, {"name": name, "dim": ecfg.emb_dim})
+    d1, d2 = cfg.v1.emb_dim, cfg.v2.emb_dim
+    sigma = nn.Sequential(nn.Linear(d1, 1), nn.Flatten(0))
+    out["compat"] = save_compat(
+        nn.Linear(d2, d1),
+        nn.Linear(d1, d2),
+        sigma,
+        directory / "compat-v1-v2",
+        {"from": "v1", "to": "v2", "from_dim": d1, "to_dim": d2},
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ gallery
 
 
 def gallery_images(n: int, seed: int = 0) -> np.ndarray:

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ class Stack:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("wb")
         p = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -182,6 +183,101 @@ def _wait_ingested(client: Client, payload: str, want_fraction: float, timeout: 
     raise TimeoutError(f"ingestion did not catch up: API reports {serving}, database {want_fraction}")
 
 
+def _stack_env(settings: Settings, data_dir: Path) -> dict[str, str]:
+    """The environment of the demo's API and worker processes (no BACKFILL_* variable of ours leaks in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFILL_")}
+    env.update(
+        BACKFILL_DATA_DIR=str(data_dir),
+        BACKFILL_OPERATOR_TOKEN=DEMO_TOKEN,
+        BACKFILL_ARTIFACTS_DIR=str(settings.artifacts_dir),
+        BACKFILL_FASHION_MNIST_DIR=str(settings.fashion_mnist_dir),
+        BACKFILL_INGEST_POLL_SECONDS="0.1",
+        BACKFILL_METRICS_PORT="0",
+        BACKFILL_LOG_LEVEL="WARNING",
+        BACKFILL_MAX_K="128",  # leave-one-out needs k + 1
+    )
+    if settings.database_url:
+        env["BACKFILL_DATABASE_URL"] = settings.database_url
+    if settings.redis_url:
+        env["BACKFILL_REDIS_URL"] = settings.redis_url
+    else:
+        from service.redis_conn import embedded_redis_url
+
+        env["BACKFILL_REDIS_URL"] = embedded_redis_url(Settings(data_dir=data_dir))
+    return env
+
+
+@dataclass
+class _Gallery:
+    """The demo's images, their labels, external ids and PNG payloads."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    ids: list[str] = field(init=False)
+    id_index: dict[str, int] = field(init=False)
+    payloads: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ids = [f"fmnist-test-{i}" for i in range(len(self.images))]
+        self.id_index = {s: i for i, s in enumerate(self.ids)}
+        self.payloads = [_b64(img) for img in self.images]
+
+    def load(self, client: Client, progress: bool) -> None:
+        """POST /items in chunks of 500 (v1 serving)."""
+        bar = tqdm(total=len(self.images), desc="loading gallery (v1)", unit="img", disable=not progress)
+        for i in range(0, len(self.images), 500):
+            chunk = [
+                {"id": self.ids[j], "image_b64": self.payloads[j], "label": int(self.labels[j])}
+                for j in range(i, min(i + 500, len(self.images)))
+            ]
+            client.post("/items", {"items": chunk})
+            bar.update(len(chunk))
+        bar.close()
+
+
+def _measurer(
+    client: Client, gallery: _Gallery, offline: Any, k: int = 100
+) -> Callable[[float, np.ndarray], tuple[float, float, float, float]]:
+    """measure(fraction in the database, items in NEW) -> (live mAP, live top-1, offline mAP, offline top-1)."""
+    from models import evaluate
+
+    def measure(fraction_db: float, in_new: np.ndarray) -> tuple[float, float, float, float]:
+        _wait_ingested(client, gallery.payloads[0], fraction_db)
+        ranked_ext, _ = client.search_all(gallery.payloads, k + 1)
+        idx = gallery.id_index
+        ranked = [[idx[x] for x in row if idx[x] != q][:k] for q, row in enumerate(ranked_ext)]
+        live_map, live_top1 = evaluate.ranked_metrics(ranked, gallery.labels, k)
+        off_map, off_top1 = offline(in_new)
+        return live_map, live_top1, off_map, off_top1
+
+    return measure
+
+
+def _measure_points(
+    client: Client,
+    rid: int,
+    engine: Any,
+    gallery: _Gallery,
+    measure: Callable[[float, np.ndarray], tuple[float, float, float, float]],
+    result: DemoResult,
+    n_points: int,
+    progress: bool,
+) -> None:
+    """Advance the backfill to each fraction i/(n_points-1), pause there and measure."""
+    targets = [i / (n_points - 1) for i in range(n_points)]
+    bar = tqdm(total=len(targets), desc="backfill + measure", unit="pt", disable=not progress)
+    for target in targets:
+        t0 = time.monotonic()
+        state = _advance_to(client, rid, target, engine)
+        in_new = _backfilled_mask(engine, gallery.id_index)
+        fraction = state["done"] / max(state["total"], 1)
+        lm, lt, om, ot = measure(fraction if state["status"] != "completed" else 1.0, in_new)
+        result.points.append(Point(fraction, state["done"], state["total"], lm, lt, om, ot, time.monotonic() - t0))
+        bar.set_postfix(fraction=f"{fraction:.2f}", live=f"{lm:.4f}", offline=f"{om:.4f}")
+        bar.update(1)
+    bar.close()
+
+
 def run_demo(
     settings: Settings,
     out: Path,
@@ -204,32 +300,9 @@ def run_demo(
     data_dir.mkdir(parents=True)
 
     images, labels = load_fashion_mnist(settings.fashion_mnist_dir, "test")
-    images, labels = images[:n_items], labels[:n_items]
-    ids = [f"fmnist-test-{i}" for i in range(len(images))]
-    id_index = {s: i for i, s in enumerate(ids)}
-    payloads = [_b64(img) for img in images]
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFILL_")}
-    env.update(
-        BACKFILL_DATA_DIR=str(data_dir),
-        BACKFILL_OPERATOR_TOKEN=DEMO_TOKEN,
-        BACKFILL_ARTIFACTS_DIR=str(settings.artifacts_dir),
-        BACKFILL_FASHION_MNIST_DIR=str(settings.fashion_mnist_dir),
-        BACKFILL_INGEST_POLL_SECONDS="0.1",
-        BACKFILL_METRICS_PORT="0",
-        BACKFILL_LOG_LEVEL="WARNING",
-        BACKFILL_MAX_K="128",  # leave-one-out needs k + 1
-    )
-    if settings.database_url:
-        env["BACKFILL_DATABASE_URL"] = settings.database_url
-    if settings.redis_url:
-        env["BACKFILL_REDIS_URL"] = settings.redis_url
-    else:
-        from service.redis_conn import embedded_redis_url
-
-        env["BACKFILL_REDIS_URL"] = embedded_redis_url(Settings(data_dir=data_dir))
-
-    result = DemoResult(items=len(images), mode=mode, policy=policy, old_old=float("nan"), new_new=float("nan"))
+    gallery = _Gallery(images[:n_items], labels[:n_items])
+    env = _stack_env(settings, data_dir)
+    result = DemoResult(items=len(gallery.images), mode=mode, policy=policy, old_old=float("nan"), new_new=float("nan"))
     with ExitStack() as stack:
         s = Stack(env, _free_port(), out)
         stack.callback(s.stop)
@@ -238,29 +311,13 @@ def run_demo(
         s.start_api()
         client = Client(s.url, DEMO_TOKEN)
         client.wait_ready(procs=s.procs)
+        gallery.load(client, progress)
 
-        bar = tqdm(total=len(images), desc="loading gallery (v1)", unit="img", disable=not progress)
-        for i in range(0, len(images), 500):
-            chunk = [
-                {"id": ids[j], "image_b64": payloads[j], "label": int(labels[j])}
-                for j in range(i, min(i + 500, len(images)))
-            ]
-            client.post("/items", {"items": chunk})
-            bar.update(len(chunk))
-        bar.close()
-
-        k = 100
-
-        def measure(fraction_db: float, in_new: np.ndarray) -> tuple[float, float, float, float]:
-            _wait_ingested(client, payloads[0], fraction_db)
-            ranked_ext, _ = client.search_all(payloads, k + 1)
-            ranked = [[id_index[x] for x in row if id_index[x] != q][:k] for q, row in enumerate(ranked_ext)]
-            live_map, live_top1 = evaluate.ranked_metrics(ranked, labels, k)
-            off_map, off_top1 = offline(in_new)
-            return live_map, live_top1, off_map, off_top1
-
-        offline = evaluate.offline_point_fn(images, labels, settings.artifacts_dir, "v1", "v2", mode=mode, k=k)
+        offline = evaluate.offline_point_fn(
+            gallery.images, gallery.labels, settings.artifacts_dir, "v1", "v2", mode=mode, k=100
+        )
         result.old_old, result.new_new = offline.old_old, offline.new_new
+        measure = _measurer(client, gallery, offline)
 
         engine = _db_engine(settings.database_url, data_dir)
         stack.callback(engine.dispose)
@@ -270,19 +327,7 @@ def run_demo(
         rid = int(rollout["id"])
         client.post(f"/rollouts/{rid}/pause")
         s.start_worker()
-
-        targets = [i / (n_points - 1) for i in range(n_points)]
-        bar = tqdm(total=len(targets), desc="backfill + measure", unit="pt", disable=not progress)
-        for target in targets:
-            t0 = time.monotonic()
-            state = _advance_to(client, rid, target, engine)
-            in_new = _backfilled_mask(engine, id_index)
-            fraction = state["done"] / max(state["total"], 1)
-            lm, lt, om, ot = measure(fraction if state["status"] != "completed" else 1.0, in_new)
-            result.points.append(Point(fraction, state["done"], state["total"], lm, lt, om, ot, time.monotonic() - t0))
-            bar.set_postfix(fraction=f"{fraction:.2f}", live=f"{lm:.4f}", offline=f"{om:.4f}")
-            bar.update(1)
-        bar.close()
+        _measure_points(client, rid, engine, gallery, measure, result, n_points, progress)
     result.seconds = time.monotonic() - t_start
     write_outputs(result, out)
     return result
