@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import sqlalchemy as sa
@@ -19,19 +19,12 @@ from sqlalchemy.orm import Session, aliased
 
 from models.artifacts import Encoder
 from service.db.models import Embedding, Item, utcnow
+from service.errors import NotFound, NotReady
 from service.ingest import read_layout
 
 
 class EncoderSource(Protocol):
     def encoder(self, name: str) -> Encoder: ...
-
-
-class GalleryError(ValueError):
-    def __init__(self, field: str, problem: str, status_code: int = 422) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-        self.status_code = status_code
 
 
 @dataclass(frozen=True)
@@ -51,11 +44,24 @@ class AddResult:
     max_seq: int
 
 
+@dataclass(frozen=True)
+class ItemInfo:
+    """One live item as read back: its ids, label, timestamps, size and embedding models."""
+
+    item_id: int  # internal (the index key)
+    external_id: str
+    label: int | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    payload_bytes: int
+    embeddings: list[str]
+
+
 def write_models(session: Session) -> list[str]:
     """Models a new item must be embedded with now (docs/rollout-semantics.md)."""
     layout = read_layout(session)
     if layout.serving is None:
-        raise GalleryError("model", "no model is serving; register artifacts first", 503)
+        raise NotReady("model", "no model is serving; register artifacts first")
     if layout.in_rollout:
         return [str(layout.to_model), str(layout.from_model)]
     return [layout.serving]
@@ -111,22 +117,23 @@ def _add_items(session: Session, encoders: EncoderSource, items: list[NewItem]) 
     return AddResult(created, existing, revived, models, max_seq)
 
 
-def get_item(session: Session, external_id: str) -> dict[str, Any]:
+def get_item(session: Session, external_id: str) -> ItemInfo:
+    """A live item and the models it has embeddings for; NotFound for an unknown or deleted id."""
     row = session.scalars(sa.select(Item).where(Item.external_id == external_id)).first()
     if row is None or row.deleted_at is not None:
-        raise GalleryError("id", f"item {external_id!r} does not exist", 404)
+        raise NotFound("id", f"item {external_id!r} does not exist")
     models = session.scalars(
         sa.select(Embedding.model_version).where(Embedding.item_id == row.id).order_by(Embedding.model_version)
     ).all()
-    return {
-        "id": row.external_id,
-        "label": row.label,
-        "created_at": _iso(row.created_at),
-        "updated_at": _iso(row.updated_at),
-        "payload_bytes": len(row.payload),
-        "embeddings": list(models),
-        "_item_id": row.id,
-    }
+    return ItemInfo(
+        item_id=row.id,
+        external_id=row.external_id,
+        label=row.label,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        payload_bytes=len(row.payload),
+        embeddings=list(models),
+    )
 
 
 def delete_item(session: Session, external_id: str) -> int:
@@ -134,15 +141,9 @@ def delete_item(session: Session, external_id: str) -> int:
     row = session.scalars(sa.select(Item).where(Item.external_id == external_id).with_for_update()).first()
     if row is None or row.deleted_at is not None:
         session.rollback()
-        raise GalleryError("id", f"item {external_id!r} does not exist", 404)
+        raise NotFound("id", f"item {external_id!r} does not exist")
     other = aliased(Item)  # an alias, or the subquery would correlate to the row being updated
     next_seq = sa.select(sa.func.coalesce(sa.func.max(other.deleted_seq), 0) + 1).scalar_subquery()
     session.execute(sa.update(Item).where(Item.id == row.id).values(deleted_at=utcnow(), deleted_seq=next_seq))
     session.commit()
     return row.id
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    if t is None:
-        return None
-    return (t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)).isoformat()

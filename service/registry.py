@@ -112,31 +112,16 @@ def register_artifacts(session: Session, artifacts_dir: Path, default_model: str
         raise
 
 
-def list_models(session: Session) -> dict[str, list[dict[str, object]]]:
-    """The GET /models body: model versions and compat packs."""
+@dataclass(frozen=True)
+class Catalog:
+    """The registered model versions (oldest first) and compatibility packs."""
+
+    models: list[ModelVersion]
+    compat_packs: list[CompatPack]
+
+
+def list_models(session: Session) -> Catalog:
+    """Every model version and compat pack (the GET /models and `backfill models list` listing)."""
     models = session.scalars(sa.select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.name)).all()
     packs = session.scalars(sa.select(CompatPack).order_by(CompatPack.id)).all()
-    return {
-        "models": [
-            {
-                "name": m.name,
-                "dim": m.dim,
-                "status": m.status,
-                "checksum": m.checksum,
-                "artifact_path": m.artifact_path,
-                "metrics": (m.manifest or {}).get("metrics"),
-            }
-            for m in models
-        ],
-        "compat_packs": [
-            {
-                "from": p.from_version,
-                "to": p.to_version,
-                "checksum": p.checksum,
-                "artifact_path": p.artifact_path,
-                "metrics": (p.manifest or {}).get("metrics"),
-                "calibrated_modes": sorted(((p.manifest or {}).get("calibration") or {}).keys()),
-            }
-            for p in packs
-        ],
-    }
+    return Catalog(list(models), list(packs))

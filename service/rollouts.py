@@ -21,7 +21,6 @@ import datetime as dt
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 import sqlalchemy as sa
@@ -41,6 +40,7 @@ from service.db.models import (
     Rollout,
     utcnow,
 )
+from service.errors import Conflict, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +48,6 @@ RATE_WINDOW_SECONDS = 60.0
 MAX_DRIVERS = 16
 PLAN_JOB = "worker.jobs.plan_rollout"
 DRIVER_JOB = "worker.jobs.drive_backfill"
-
-
-# --- errors ----------------------------------------------------------------------------------------------
-class RolloutError(Exception):
-    """A refused rollout operation; `field` names what is wrong (the API answers 4xx with both)."""
-
-    status_code = 400
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
-    def detail(self) -> dict[str, str]:
-        return {"field": self.field, "problem": self.problem}
-
-
-class InvalidRequest(RolloutError):
-    status_code = 422
-
-
-class NotFound(RolloutError):
-    status_code = 404
-
-
-class Conflict(RolloutError):
-    status_code = 409
 
 
 # --- reads -----------------------------------------------------------------------------------------------
@@ -163,50 +136,47 @@ def _aware(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
 
 
-def _iso(t: dt.datetime | None) -> str | None:
-    return _aware(t).isoformat() if t is not None else None
+@dataclass(frozen=True)
+class RolloutView:
+    """A rollout and its progress at one instant, rounded as reported (API responses, gauges)."""
+
+    rollout: Rollout
+    progress: Progress
+
+    @property
+    def fraction(self) -> float:
+        return round(self.progress.fraction, 6)
+
+    @property
+    def items_per_second(self) -> float:
+        return round(self.progress.items_per_second, 3)
+
+    @property
+    def eta_seconds(self) -> float | None:
+        eta = self.progress.eta_seconds
+        return None if eta is None else round(eta, 1)
 
 
-def rollout_view(session: Session, rollout: Rollout) -> dict[str, Any]:
-    """The rollout JSON of the HTTP API (DESIGN.md)."""
-    p = progress(session, rollout)
-    return {
-        "id": rollout.id,
-        "from": rollout.from_version,
-        "to": rollout.to_version,
-        "mode": rollout.mode,
-        "policy": rollout.policy,
-        "status": rollout.status,
-        "total": p.total,
-        "done": p.done,
-        "failed": p.failed,
-        "fraction": round(p.fraction, 6),
-        "items_per_second": round(p.items_per_second, 3),
-        "eta_seconds": None if p.eta_seconds is None else round(p.eta_seconds, 1),
-        "max_items_per_second": rollout.max_items_per_second,
-        "batch_size": rollout.batch_size,
-        "created_at": _iso(rollout.created_at),
-        "started_at": _iso(rollout.started_at),
-        "updated_at": _iso(rollout.updated_at),
-        "finished_at": _iso(rollout.finished_at),
-        "error": rollout.error,
-    }
+def rollout_view(session: Session, rollout: Rollout) -> RolloutView:
+    """The rollout with its progress now (the API shapes it into JSON)."""
+    return RolloutView(rollout, progress(session, rollout))
 
 
-def export_progress(view: dict[str, Any]) -> None:
+def export_progress(view: RolloutView) -> None:
     """Set the rollout gauges from a rollout view (the active rollout, or the one that just ended)."""
     from service import metrics
 
-    metrics.ROLLOUT_TOTAL.set(view["total"])
-    metrics.ROLLOUT_DONE.set(view["done"])
-    metrics.ROLLOUT_FAILED.set(view["failed"])
-    metrics.ROLLOUT_PENDING.set(max(0, view["total"] - view["done"] - view["failed"]))
-    metrics.ROLLOUT_PROGRESS_RATIO.set(view["fraction"])
-    metrics.ROLLOUT_ITEMS_PER_SECOND.set(view["items_per_second"])
-    metrics.ROLLOUT_ETA_SECONDS.set(-1 if view["eta_seconds"] is None else view["eta_seconds"])
+    p = view.progress
+    metrics.ROLLOUT_TOTAL.set(p.total)
+    metrics.ROLLOUT_DONE.set(p.done)
+    metrics.ROLLOUT_FAILED.set(p.failed)
+    metrics.ROLLOUT_PENDING.set(max(0, p.total - p.done - p.failed))
+    metrics.ROLLOUT_PROGRESS_RATIO.set(view.fraction)
+    metrics.ROLLOUT_ITEMS_PER_SECOND.set(view.items_per_second)
+    metrics.ROLLOUT_ETA_SECONDS.set(-1 if view.eta_seconds is None else view.eta_seconds)
 
 
-def refresh_progress_metrics(session: Session) -> dict[str, Any] | None:
+def refresh_progress_metrics(session: Session) -> RolloutView | None:
     """Export the progress of the active rollout, else of the newest one; None when there is none."""
     rollout = active_rollout(session) or session.scalars(sa.select(Rollout).order_by(Rollout.id.desc())).first()
     if rollout is None:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import redis
@@ -26,6 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.artifacts import CompatPack, Encoder, load_compat, load_encoder, pick_device
+from service import errors
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
 from service.db.models import CompatPack as CompatPackRow
@@ -39,8 +39,11 @@ from service.redis_conn import make_redis
 log = logging.getLogger(__name__)
 
 
-class NotReady(RuntimeError):
-    """The indices are not built yet, or no model is serving."""
+class NotReady(errors.NotReady):
+    """The indices are not built yet, or no model is serving (the field at fault is the service itself)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("service", problem)
 
 
 @contextmanager
@@ -65,14 +68,6 @@ class Serving:
     rollout_id: int | None
     backfilled_fraction: float
     mode: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "rollout_id": self.rollout_id,
-            "backfilled_fraction": self.backfilled_fraction,
-            "mode": self.mode,
-        }
 
 
 def serving_of(ix: IndexSet) -> Serving:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
-from service.api import errors, items, search, system
+from service.api import errors, items, rollouts, search, system
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.config import Settings, get_settings
 from service.runtime import Runtime
@@ -56,13 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(search.router)
     app.include_router(items.router)
-    try:
-        from service.api.rollouts import router as rollouts_router
-    except ModuleNotFoundError as e:
-        if e.name != "service.api.rollouts":
-            raise
-    else:
-        app.include_router(rollouts_router)
+    app.include_router(rollouts.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -8,7 +8,7 @@ import binascii
 import numpy as np
 
 from models.preprocess import InvalidImage, preprocess
-from service.api.errors import ApiError
+from service.errors import InvalidRequest
 
 
 def decode_b64(value: str, field: str) -> bytes:
@@ -18,9 +18,9 @@ def decode_b64(value: str, field: str) -> bytes:
     try:
         raw = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ApiError(422, field, f"invalid base64 ({e})") from e
+        raise InvalidRequest(field, f"invalid base64 ({e})") from e
     if not raw:
-        raise ApiError(422, field, "empty image payload")
+        raise InvalidRequest(field, "empty image payload")
     return raw
 
 
@@ -30,4 +30,4 @@ def decode_image(value: str, field: str, max_pixels: int) -> tuple[bytes, np.nda
     try:
         return raw, preprocess(raw, max_pixels=max_pixels)
     except InvalidImage as e:
-        raise ApiError(422, field, str(e)) from e
+        raise InvalidRequest(field, str(e)) from e

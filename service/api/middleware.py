@@ -8,6 +8,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import error_json
 from service.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS_TOTAL
 
 
@@ -42,7 +43,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await _send_json(send, 413, {"detail": {"field": "body", "problem": problem}})
+                    await _send_json(send, 413, error_json("body", problem))
                     return
         # Buffer the body (bounded by the limit), then replay it: an exception raised from inside
         # `receive` would surface as FastAPI's generic 400 instead of a 413.
@@ -56,7 +57,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await _send_json(send, 413, {"detail": {"field": "body", "problem": problem}})
+                await _send_json(send, 413, error_json("body", problem))
                 return
             chunks.append(body)
             more = bool(message.get("more_body", False))

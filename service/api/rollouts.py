@@ -1,62 +1,48 @@
 """Rollout endpoints: POST /upgrade, GET /rollouts[/{id}], pause/resume/abort, PATCH throttle.
 
 Handlers validate, call one function of `service.rollouts`, enqueue the follow-up job after that function's
-commit, and shape the response. Include with `app.include_router(router)`.
+commit, and shape the response; a refused operation raises the domain's error, which the app's handler
+(`service.api.errors`) answers. Include with `app.include_router(router)`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Path, status
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Body, Path, status
+from sqlalchemy.orm import Session
 
 from service import rollouts as domain
 from service.api.deps import OperatorDep, RuntimeDep, SessionDep
+from service.api.schemas import (
+    AbortRequest,
+    RolloutOut,
+    RolloutsOut,
+    ThrottleRequest,
+    UpgradeRequest,
+    error_responses,
+)
+from service.db.models import Rollout
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["rollouts"])
 
-
-class UpgradeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    to: str = Field(min_length=1, max_length=64, description="Registered model to upgrade to.")
-    mode: Literal["reverse", "forward"] = "reverse"
-    policy: Literal["uncertainty", "random", "fifo"] = "uncertainty"
-    batch_size: int | None = Field(None, ge=1, le=100_000)
-    max_items_per_second: float | None = Field(None, gt=0, allow_inf_nan=False)
-
-
-class ThrottleRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_items_per_second: float | None = Field(..., gt=0, allow_inf_nan=False)
-
-
-class AbortRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    purge: bool | None = Field(None, description="Delete the target model's embeddings (default: setting).")
-
-
 RolloutId = Annotated[int, Path(ge=1, le=2**63 - 1)]  # a BIGINT: larger ids are a 422, not a DB error
 
+# A body that is not JSON (400) or too large (413), bad input (422), a refused transition (409).
+_CONTROL = error_responses(400, 401, 404, 409, 413, 422, 503)
 
-def _http(e: domain.RolloutError) -> HTTPException:
-    return HTTPException(e.status_code, detail=e.detail())
 
-
-def _view(session: Any, rollout: Any) -> dict[str, Any]:
+def _view(session: Session, rollout: Rollout) -> RolloutOut:
     view = domain.rollout_view(session, rollout)
     if rollout.active_lock == 1 or rollout.status in ("completed", "aborted", "failed"):
         domain.export_progress(view)
-    return view
+    return RolloutOut.of(view)
 
 
-def _enqueue(runtime: Any, rollout: Any) -> None:
+def _enqueue(runtime: Any, rollout: Rollout) -> None:
     # After the commit: a job never sees an uncommitted rollout. A Redis failure is not fatal: every worker's
     # maintenance loop re-enqueues what an active rollout needs.
     try:
@@ -65,82 +51,92 @@ def _enqueue(runtime: Any, rollout: Any) -> None:
         log.warning("enqueue for rollout %s failed (%s); workers will pick it up", rollout.id, e)
 
 
-@router.post("/upgrade", status_code=status.HTTP_202_ACCEPTED, dependencies=[OperatorDep])
-def upgrade(body: UpgradeRequest, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
+@router.post(
+    "/upgrade",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=RolloutOut,
+    dependencies=[OperatorDep],
+    responses=_CONTROL,
+)
+def upgrade(body: UpgradeRequest, session: SessionDep, runtime: RuntimeDep) -> RolloutOut:
     """Start a rollout to another registered model; 409 while another rollout is active."""
-    try:
-        rollout = domain.create_rollout(
-            session,
-            runtime.settings,
-            to=body.to,
-            mode=body.mode,
-            policy=body.policy,
-            batch_size=body.batch_size,
-            max_items_per_second=body.max_items_per_second,
-            r=runtime.redis,
-        )
-    except domain.RolloutError as e:
-        raise _http(e) from e
+    rollout = domain.create_rollout(
+        session,
+        runtime.settings,
+        to=body.to,
+        mode=body.mode,
+        policy=body.policy,
+        batch_size=body.batch_size,
+        max_items_per_second=body.max_items_per_second,
+        r=runtime.redis,
+    )
     _enqueue(runtime, rollout)
     return _view(session, rollout)
 
 
-@router.get("/rollouts")
-def list_rollouts(session: SessionDep) -> dict[str, Any]:
+@router.get("/rollouts", response_model=RolloutsOut, responses=error_responses(503))
+def list_rollouts(session: SessionDep) -> RolloutsOut:
     """Rollouts, newest first."""
-    return {"rollouts": [_view(session, r) for r in domain.list_rollouts(session)]}
+    return RolloutsOut(rollouts=[_view(session, r) for r in domain.list_rollouts(session)])
 
 
-@router.get("/rollouts/{rollout_id}")
-def get_rollout(rollout_id: RolloutId, session: SessionDep) -> dict[str, Any]:
+@router.get(
+    "/rollouts/{rollout_id}",
+    response_model=RolloutOut,
+    responses=error_responses(400, 404, 409, 422, 503),
+)
+def get_rollout(rollout_id: RolloutId, session: SessionDep) -> RolloutOut:
     """One rollout with its progress (counts derived from task states), rate and ETA."""
-    try:
-        return _view(session, domain.get_rollout(session, rollout_id))
-    except domain.RolloutError as e:
-        raise _http(e) from e
+    return _view(session, domain.get_rollout(session, rollout_id))
 
 
-@router.post("/rollouts/{rollout_id}/pause", dependencies=[OperatorDep])
-def pause(rollout_id: RolloutId, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
+@router.post(
+    "/rollouts/{rollout_id}/pause",
+    response_model=RolloutOut,
+    dependencies=[OperatorDep],
+    responses=error_responses(400, 401, 404, 409, 422, 503),
+)
+def pause(rollout_id: RolloutId, session: SessionDep, runtime: RuntimeDep) -> RolloutOut:
     """Pause: workers stop after their current batch."""
-    try:
-        rollout = domain.pause(session, rollout_id, r=runtime.redis)
-    except domain.RolloutError as e:
-        raise _http(e) from e
-    return _view(session, rollout)
+    return _view(session, domain.pause(session, rollout_id, r=runtime.redis))
 
 
-@router.post("/rollouts/{rollout_id}/resume", dependencies=[OperatorDep])
-def resume(rollout_id: RolloutId, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
+@router.post(
+    "/rollouts/{rollout_id}/resume",
+    response_model=RolloutOut,
+    dependencies=[OperatorDep],
+    responses=error_responses(400, 401, 404, 409, 422, 503),
+)
+def resume(rollout_id: RolloutId, session: SessionDep, runtime: RuntimeDep) -> RolloutOut:
     """Resume a paused rollout."""
-    try:
-        rollout = domain.resume(session, rollout_id, r=runtime.redis)
-    except domain.RolloutError as e:
-        raise _http(e) from e
+    rollout = domain.resume(session, rollout_id, r=runtime.redis)
     _enqueue(runtime, rollout)
     return _view(session, rollout)
 
 
-@router.post("/rollouts/{rollout_id}/abort", dependencies=[OperatorDep])
+@router.post(
+    "/rollouts/{rollout_id}/abort",
+    response_model=RolloutOut,
+    dependencies=[OperatorDep],
+    responses=_CONTROL,
+)
 def abort(
     rollout_id: RolloutId,
     session: SessionDep,
     runtime: RuntimeDep,
     body: Annotated[AbortRequest | None, Body()] = None,
-) -> dict[str, Any]:
+) -> RolloutOut:
     """Abort: the old model stays serving; `purge` deletes the target model's embeddings."""
-    try:
-        rollout = domain.abort(session, rollout_id, purge=body.purge if body else None, r=runtime.redis)
-    except domain.RolloutError as e:
-        raise _http(e) from e
+    rollout = domain.abort(session, rollout_id, purge=body.purge if body else None, r=runtime.redis)
     return _view(session, rollout)
 
 
-@router.patch("/rollouts/{rollout_id}", dependencies=[OperatorDep])
-def throttle(rollout_id: RolloutId, body: ThrottleRequest, session: SessionDep) -> dict[str, Any]:
+@router.patch(
+    "/rollouts/{rollout_id}",
+    response_model=RolloutOut,
+    dependencies=[OperatorDep],
+    responses=_CONTROL,
+)
+def throttle(rollout_id: RolloutId, body: ThrottleRequest, session: SessionDep) -> RolloutOut:
     """Set or clear (null) the rollout's rate limit in items per second."""
-    try:
-        rollout = domain.set_throttle(session, rollout_id, body.max_items_per_second)
-    except domain.RolloutError as e:
-        raise _http(e) from e
-    return _view(session, rollout)
+    return _view(session, domain.set_throttle(session, rollout_id, body.max_items_per_second))

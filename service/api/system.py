@@ -2,53 +2,70 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import RuntimeDep, SessionDep
+from service.api.schemas import HealthOut, ModelsOut, ReadyOut, ReadyServing, error_responses
 from service.metrics import registry
 from service.registry import list_models
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
+@router.get("/healthz", response_model=HealthOut)
+def healthz() -> HealthOut:
     """The process is alive."""
-    return {"status": "ok"}
+    return HealthOut()
 
 
-@router.get("/readyz")
-def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """Ready when the database and Redis answer and the indices are loaded; 503 otherwise."""
-    checks: dict[str, Any] = {}
+def _probe(check: Callable[[], object]) -> str:
     try:
-        with runtime.engine.connect() as c:
-            c.execute(sa.text("SELECT 1"))
-        checks["database"] = "ok"
+        check()
     except Exception as e:
-        checks["database"] = f"error: {type(e).__name__}"
-    try:
-        runtime.redis.ping()
-        checks["redis"] = "ok"
-    except Exception as e:
-        checks["redis"] = f"error: {type(e).__name__}"
+        return f"error: {type(e).__name__}"
+    return "ok"
+
+
+def _ping_database(runtime: Any) -> None:
+    with runtime.engine.connect() as c:
+        c.execute(sa.text("SELECT 1"))
+
+
+def _indices(runtime: Any) -> tuple[str, ReadyServing | None]:
     ix = runtime.manager.current
     if not runtime.ready or ix is None:
-        checks["indices"] = "loading"
-    elif ix.layout.query_model is None:
-        checks["indices"] = "no model is serving; register artifacts"
-    else:
-        checks["indices"] = "ok"
-        checks["serving"] = {"model": ix.layout.query_model, "rollout_id": ix.layout.rollout_id, **ix.sides()}
+        return "loading", None
+    if ix.layout.query_model is None:
+        return "no model is serving; register artifacts", None
+    sides = ix.sides()
+    lay = ix.layout
+    return "ok", ReadyServing(model=lay.query_model, rollout_id=lay.rollout_id, new=sides["new"], old=sides["old"])
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    response_model_exclude_unset=True,  # `serving` and `ingestion` only when there is something to say
+    responses={503: {"model": ReadyOut, "description": "Not ready: the checks that are not ok say why"}},
+)
+def readyz(runtime: RuntimeDep, response: Response) -> ReadyOut:
+    """Ready when the database and Redis answer and the indices are loaded; 503 otherwise."""
+    database = _probe(lambda: _ping_database(runtime))
+    redis = _probe(runtime.redis.ping)
+    indices, serving = _indices(runtime)
+    ok = database == redis == indices == "ok"
+    response.status_code = 200 if ok else 503
+    out = ReadyOut(status="ready" if ok else "not ready", database=database, redis=redis, indices=indices)
+    if serving is not None:
+        out.serving = serving
     if runtime.follower is not None and runtime.follower.last_error:
-        checks["ingestion"] = runtime.follower.last_error
-    ok = all(checks[k] == "ok" for k in ("database", "redis", "indices"))
-    return JSONResponse(status_code=200 if ok else 503, content={"status": "ready" if ok else "not ready", **checks})
+        out.ingestion = runtime.follower.last_error
+    return out
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -57,7 +74,7 @@ def metrics() -> Response:
     return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/models")
-def models(session: SessionDep) -> dict[str, Any]:
+@router.get("/models", response_model=ModelsOut, responses=error_responses(503))
+def models(session: SessionDep) -> ModelsOut:
     """Registered model versions and compatibility packs."""
-    return list_models(session)
+    return ModelsOut.of(list_models(session))

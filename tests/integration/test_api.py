@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from devtools.fakes import make_artifacts
 from models.preprocess import encode_png
 from service.api.app import create_app
 from service.config import Settings
 from service.db.models import Embedding, Item, ModelVersion, Rollout
-from tests.unit.service.tiny_artifacts import make_artifacts
 
 with warnings.catch_warnings():  # starlette asks for `httpx2`; httpx still works (pyproject is lead-owned)
     warnings.simplefilter("ignore")

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.fakes import make_artifacts
 from service.api.app import create_app
 from service.config import Settings
 from tests.conftest import truncate_all
-from tests.unit.service.tiny_artifacts import make_artifacts
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

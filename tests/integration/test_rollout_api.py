@@ -22,14 +22,15 @@ with warnings.catch_warnings():
 from rq import Queue
 from sqlalchemy.orm import Session
 
+from devtools.fakes import make_tiny_artifacts, seed_gallery
 from service import events
 from service import rollouts as domain
+from service.api.errors import install as install_error_handlers
 from service.api.rollouts import router
 from service.config import Settings
 from service.db import Rollout, make_engine, make_sessionmaker
 from service.redis_conn import make_redis
 from worker import jobs
-from worker.testing import make_tiny_artifacts, seed_gallery
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +86,7 @@ def db(s: Settings, artifacts: dict[str, Path]) -> Iterator[sa.orm.sessionmaker[
 @pytest.fixture
 def client(s: Settings, db: sa.orm.sessionmaker[Session]) -> Iterator[TestClient]:
     app = FastAPI()
+    install_error_handlers(app)  # the app's handlers answer the domain's errors
     app.include_router(router)
     app.state.settings = s
     app.state.runtime = SimpleNamespace(settings=s, sessionmaker=db, redis=make_redis(s))

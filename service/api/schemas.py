@@ -1,0 +1,301 @@
+"""Request and response bodies of the HTTP API, and the constructors that shape domain objects into them.
+
+Every route declares one of these as its response model and its error responses (`error_responses`), so
+the OpenAPI document describes every body the app sends without post-hoc patching.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+
+from service.db.models import CompatPack, ModelVersion
+from service.gallery import ItemInfo
+from service.registry import Catalog
+from service.rollouts import RolloutView
+from service.runtime import SearchHit, Serving
+
+MAX_ITEMS_PER_CALL = 1000
+
+
+def iso(t: dt.datetime) -> str:
+    """ISO 8601 with the UTC offset; SQLite hands back naive datetimes, all of them stored in UTC."""
+    return (t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)).isoformat()
+
+
+Timestamp = Annotated[
+    dt.datetime,
+    PlainSerializer(iso, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
+]
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    field: str = Field(description='What is at fault: a body field ("queries[1].image_b64"), "id", "body"...')
+    problem: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx the app sends: `detail` names the field and the problem."""
+
+    detail: ErrorDetail
+    errors: list[ErrorDetail] | None = Field(None, description="Every validation error (422 only).")
+
+
+_DESCRIPTIONS = {
+    400: "Refused request (e.g. a body that is not UTF-8 JSON)",
+    401: "Missing or invalid credentials",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "Request body too large",
+    422: "Invalid input; `detail.field` names it",
+    503: "Not ready (indices loading, no model serving, database or Redis unreachable)",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can answer these error codes with an `ErrorBody`."""
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+# --- system ----------------------------------------------------------------------------------------------
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyServing(BaseModel):
+    model: str | None
+    rollout_id: int | None
+    new: int = Field(description="Items in the NEW (target-space) index.")
+    old: int = Field(description="Items in the OLD index.")
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not ready"]
+    database: str
+    redis: str
+    indices: str
+    serving: ReadyServing | None = Field(None, description="Present when the indices are ready.")
+    ingestion: str | None = Field(None, description="The ingestion follower's last error, if any.")
+
+
+class ModelOut(BaseModel):
+    name: str
+    dim: int
+    status: str
+    checksum: str
+    artifact_path: str
+    metrics: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, m: ModelVersion) -> ModelOut:
+        return cls(
+            name=m.name,
+            dim=m.dim,
+            status=m.status,
+            checksum=m.checksum,
+            artifact_path=m.artifact_path,
+            metrics=(m.manifest or {}).get("metrics"),
+        )
+
+
+class CompatPackOut(BaseModel):
+    from_: str = Field(serialization_alias="from")
+    to: str
+    checksum: str
+    artifact_path: str
+    metrics: dict[str, Any] | None
+    calibrated_modes: list[str]
+
+    @classmethod
+    def of(cls, p: CompatPack) -> CompatPackOut:
+        manifest = p.manifest or {}
+        return cls(
+            from_=p.from_version,
+            to=p.to_version,
+            checksum=p.checksum,
+            artifact_path=p.artifact_path,
+            metrics=manifest.get("metrics"),
+            calibrated_modes=sorted((manifest.get("calibration") or {}).keys()),
+        )
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]
+    compat_packs: list[CompatPackOut]
+
+    @classmethod
+    def of(cls, catalog: Catalog) -> ModelsOut:
+        return cls(
+            models=[ModelOut.of(m) for m in catalog.models],
+            compat_packs=[CompatPackOut.of(p) for p in catalog.compat_packs],
+        )
+
+
+# --- search ----------------------------------------------------------------------------------------------
+class SearchIn(BaseModel):
+    image_b64: str = Field(..., min_length=1, description="PNG, JPEG or NPY bytes, base64-encoded.")
+    k: int = Field(10, ge=1, description="Number of results (at most the max_k setting).")
+
+
+class QueryIn(BaseModel):
+    image_b64: str = Field(..., min_length=1)
+
+
+class SearchBatchIn(BaseModel):
+    queries: list[QueryIn] = Field(..., min_length=1)
+    k: int = Field(10, ge=1)
+
+
+class HitOut(BaseModel):
+    id: str
+    distance: float
+    source: str = Field(description='"new" (target-model index) or "old" (not yet backfilled).')
+
+    @classmethod
+    def of(cls, h: SearchHit) -> HitOut:
+        return cls(id=h.id, distance=h.distance, source=h.source)
+
+
+class ServingOut(BaseModel):
+    model: str | None = Field(description="The model that encoded the query.")
+    rollout_id: int | None
+    backfilled_fraction: float = Field(description="Share of the gallery in the target space (1 outside).")
+    mode: str | None = None
+
+    @classmethod
+    def of(cls, s: Serving) -> ServingOut:
+        return cls(model=s.model, rollout_id=s.rollout_id, backfilled_fraction=s.backfilled_fraction, mode=s.mode)
+
+
+class SearchOut(BaseModel):
+    results: list[HitOut]
+    serving: ServingOut
+
+
+class SearchBatchOut(BaseModel):
+    results: list[list[HitOut]]
+    serving: ServingOut
+
+
+# --- gallery ---------------------------------------------------------------------------------------------
+class ItemIn(BaseModel):
+    id: str = Field(..., min_length=1, max_length=256, description="External id (idempotency key).")
+    image_b64: str = Field(..., min_length=1)
+    label: int | None = None
+
+
+class ItemsIn(BaseModel):
+    items: list[ItemIn] = Field(..., min_length=1, max_length=MAX_ITEMS_PER_CALL)
+
+
+class ItemsOut(BaseModel):
+    created: list[str]
+    existing: list[str] = Field(description="Live items left unchanged (idempotent re-post).")
+    revived: list[str] = Field(description="Deleted items stored again.")
+    models: list[str] = Field(description="Models the new items were embedded with.")
+    searchable: bool = Field(description="Whether this process's indices include them already.")
+
+
+class ItemOut(BaseModel):
+    id: str
+    label: int | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    payload_bytes: int
+    embeddings: list[str] = Field(description="Models the item has embeddings for.")
+    side: str | None = Field(description='Its index side in this process: "new", "old" or null (not indexed).')
+
+    @classmethod
+    def of(cls, item: ItemInfo, side: str | None) -> ItemOut:
+        return cls(
+            id=item.external_id,
+            label=item.label,
+            created_at=item.created_at,
+            updated_at=item.updated_at,
+            payload_bytes=item.payload_bytes,
+            embeddings=item.embeddings,
+            side=side,
+        )
+
+
+class DeletedOut(BaseModel):
+    id: str
+    deleted: bool
+
+
+# --- rollouts --------------------------------------------------------------------------------------------
+class UpgradeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = Field(min_length=1, max_length=64, description="Registered model to upgrade to.")
+    mode: Literal["reverse", "forward"] = "reverse"
+    policy: Literal["uncertainty", "random", "fifo"] = "uncertainty"
+    batch_size: int | None = Field(None, ge=1, le=100_000)
+    max_items_per_second: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
+class ThrottleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_items_per_second: float | None = Field(..., gt=0, allow_inf_nan=False)
+
+
+class AbortRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    purge: bool | None = Field(None, description="Delete the target model's embeddings (default: setting).")
+
+
+class RolloutOut(BaseModel):
+    id: int
+    from_: str = Field(serialization_alias="from")
+    to: str
+    mode: str
+    policy: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    fraction: float
+    items_per_second: float
+    eta_seconds: float | None
+    max_items_per_second: float | None
+    batch_size: int
+    created_at: Timestamp
+    started_at: Timestamp | None
+    updated_at: Timestamp
+    finished_at: Timestamp | None
+    error: str | None
+
+    @classmethod
+    def of(cls, view: RolloutView) -> RolloutOut:
+        r, p = view.rollout, view.progress
+        return cls(
+            id=r.id,
+            from_=r.from_version,
+            to=r.to_version,
+            mode=r.mode,
+            policy=r.policy,
+            status=r.status,
+            total=p.total,
+            done=p.done,
+            failed=p.failed,
+            fraction=view.fraction,
+            items_per_second=view.items_per_second,
+            eta_seconds=view.eta_seconds,
+            max_items_per_second=r.max_items_per_second,
+            batch_size=r.batch_size,
+            created_at=r.created_at,
+            started_at=r.started_at,
+            updated_at=r.updated_at,
+            finished_at=r.finished_at,
+            error=r.error,
+        )
+
+
+class RolloutsOut(BaseModel):
+    rollouts: list[RolloutOut] = Field(description="Newest first.")
