@@ -11,7 +11,7 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 
 def _brute_force(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float]:
-    """Independent numpy reference: full distance matrix, self excluded, AP@k as defined in DESIGN.md."""
+    """Independent numpy reference: full distance matrix, self excluded, AP@k as defined in docs/design.md."""
     n = len(labels)
     aps, top1 = [], []
     for q in range(n):
