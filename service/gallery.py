@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from models.artifacts import Encoder
+from service.db import queries
 from service.db.models import Embedding, Item, utcnow
 from service.errors import NotFound, NotReady
 from service.ingest import read_layout
@@ -119,7 +120,7 @@ def _add_items(session: Session, encoders: EncoderSource, items: list[NewItem]) 
 
 def get_item(session: Session, external_id: str) -> ItemInfo:
     """A live item and the models it has embeddings for; NotFound for an unknown or deleted id."""
-    row = session.scalars(sa.select(Item).where(Item.external_id == external_id)).first()
+    row = queries.item_by_external_id(session, external_id)
     if row is None or row.deleted_at is not None:
         raise NotFound("id", f"item {external_id!r} does not exist")
     models = session.scalars(
@@ -138,7 +139,7 @@ def get_item(session: Session, external_id: str) -> ItemInfo:
 
 def delete_item(session: Session, external_id: str) -> int:
     """Soft delete; returns the internal item id. `deleted_seq` orders deletes for the followers."""
-    row = session.scalars(sa.select(Item).where(Item.external_id == external_id).with_for_update()).first()
+    row = queries.item_by_external_id(session, external_id, for_update=True)
     if row is None or row.deleted_at is not None:
         session.rollback()
         raise NotFound("id", f"item {external_id!r} does not exist")

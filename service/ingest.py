@@ -16,7 +16,6 @@ Deletes: `items.deleted_seq` is `max(deleted_seq) + 1` at delete time; the curso
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import threading
 import time
@@ -115,6 +114,7 @@ class Follower:
         forward: Callable[[str, str, np.ndarray], np.ndarray],
         r: redis.Redis | None = None,
         gap_grace_seconds: float = GAP_GRACE_SECONDS,
+        on_cycle: Callable[[Session], None] | None = None,
     ) -> None:
         self.sm = sm
         self._serving_labels: list[tuple[str, str, str]] = []
@@ -125,6 +125,7 @@ class Follower:
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.forward = forward  # (from, to, old vectors) -> h(old vectors)
+        self.on_cycle = on_cycle  # first thing of every cycle, in its session (the runtime re-reads artifacts)
         self.redis = r
         self.gap_grace_seconds = gap_grace_seconds
         self.cursor = Cursor(grace_seconds=gap_grace_seconds)
@@ -208,6 +209,8 @@ class Follower:
     # --- one cycle -----------------------------------------------------------------------------------
     def sync_once(self) -> None:
         with self.sm() as s:
+            if self.on_cycle is not None:
+                self.on_cycle(s)
             layout = read_layout(s)
         current = self.manager.current
         if current is None or current.layout != layout:
@@ -333,8 +336,7 @@ class Follower:
             if n_old:
                 INGESTED_TOTAL.labels(side="old").inc(n_old)
             if newest is not None:
-                created = newest if newest.tzinfo is not None else newest.replace(tzinfo=dt.UTC)
-                INGESTION_LAG_SECONDS.set(max(0.0, time.time() - created.timestamp()))
+                INGESTION_LAG_SECONDS.set(max(0.0, time.time() - newest.timestamp()))
         return len(rows)
 
     def _apply_deletes(self, ix: IndexSet, cursor: Cursor) -> None:

@@ -10,11 +10,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.artifacts import ArtifactError, _read_manifest, artifact_checksum, discover
+from service.db import queries
 from service.db.models import CompatPack, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def _register_once(session: Session, artifacts_dir: Path, default_model: str | N
             log.warning("%s skipped: both models must be registered", label)
             continue
         checksum = artifact_checksum(directory)
-        pack = session.scalars(
-            sa.select(CompatPack).where(CompatPack.from_version == src, CompatPack.to_version == dst)
-        ).first()
+        pack = queries.compat_pack(session, src, dst)
         if pack is None:
             session.add(
                 CompatPack(
@@ -89,7 +87,7 @@ def _register_once(session: Session, artifacts_dir: Path, default_model: str | N
         else:
             res.unchanged.append(label)
     session.flush()
-    serving = session.scalars(sa.select(ModelVersion).where(ModelVersion.status == "serving")).first()
+    serving = queries.serving_model(session)
     if serving is None and default_model and session.get(ModelVersion, default_model) is not None:
         session.get(ModelVersion, default_model).status = "serving"  # type: ignore[union-attr]
         res.serving = default_model
@@ -122,6 +120,4 @@ class Catalog:
 
 def list_models(session: Session) -> Catalog:
     """Every model version and compat pack (the GET /models and `backfill models list` listing)."""
-    models = session.scalars(sa.select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.name)).all()
-    packs = session.scalars(sa.select(CompatPack).order_by(CompatPack.id)).all()
-    return Catalog(list(models), list(packs))
+    return Catalog(queries.model_versions(session), queries.compat_packs(session))

@@ -11,8 +11,8 @@ Status machine::
 
 `active_lock = 1` while planning|running|paused; its unique constraint admits one active rollout, so two
 concurrent creates give one success and one `Conflict`. Status changes are published as `events.ROLLOUT`
-after their commit. Jobs are enqueued by function path ("worker.jobs...."), so `service` never imports
-`worker`; callers enqueue only after the commit that justifies the job.
+after their commit. Jobs are enqueued by function path (`PLAN_JOB`, `DRIVER_JOB`), so `service` never
+imports `worker`; callers enqueue only after the commit that justifies the job.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from sqlalchemy.orm import Session
 
 from service import events
 from service.config import Settings
+from service.db import queries
 from service.db.models import (
     ACTIVE_ROLLOUT_STATES,
     MODES,
     POLICIES,
     BackfillTask,
-    CompatPack,
     Embedding,
     ModelVersion,
     Rollout,
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 RATE_WINDOW_SECONDS = 60.0
 MAX_DRIVERS = 16
-PLAN_JOB = "worker.jobs.plan_rollout"
-DRIVER_JOB = "worker.jobs.drive_backfill"
+PLAN_JOB = "worker.plan.plan_rollout"
+DRIVER_JOB = "worker.driver.drive_backfill"
 
 
 # --- reads -----------------------------------------------------------------------------------------------
@@ -58,16 +58,8 @@ def get_rollout(session: Session, rollout_id: int) -> Rollout:
     return rollout
 
 
-def active_rollout(session: Session) -> Rollout | None:
-    return session.scalars(sa.select(Rollout).where(Rollout.active_lock == 1)).one_or_none()
-
-
 def list_rollouts(session: Session, limit: int = 100) -> list[Rollout]:
     return list(session.scalars(sa.select(Rollout).order_by(Rollout.id.desc()).limit(limit)))
-
-
-def serving_model(session: Session) -> ModelVersion | None:
-    return session.scalars(sa.select(ModelVersion).where(ModelVersion.status == "serving")).first()
 
 
 @dataclass(frozen=True)
@@ -117,7 +109,7 @@ def progress(session: Session, rollout: Rollout, now: dt.datetime | None = None)
     # A rollout younger than the window is measured over its own age, not diluted over 60 s.
     window = RATE_WINDOW_SECONDS
     if rollout.started_at is not None:
-        age = (now - _aware(rollout.started_at)).total_seconds()
+        age = (now - rollout.started_at).total_seconds()
         window = min(window, max(age, 1.0))
     rate = (recent or 0) / window
     remaining = c["pending"] + c["leased"]
@@ -129,11 +121,6 @@ def progress(session: Session, rollout: Rollout, now: dt.datetime | None = None)
         eta = None
     total = sum(c.values())
     return Progress(total, c["pending"], c["leased"], c["done"], c["failed"], rate, eta)
-
-
-def _aware(t: dt.datetime) -> dt.datetime:
-    # SQLite hands back naive datetimes; everything is stored in UTC.
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -178,7 +165,7 @@ def export_progress(view: RolloutView) -> None:
 
 def refresh_progress_metrics(session: Session) -> RolloutView | None:
     """Export the progress of the active rollout, else of the newest one; None when there is none."""
-    rollout = active_rollout(session) or session.scalars(sa.select(Rollout).order_by(Rollout.id.desc())).first()
+    rollout = queries.active_rollout(session) or session.scalars(sa.select(Rollout).order_by(Rollout.id.desc())).first()
     if rollout is None:
         return None
     view = rollout_view(session, rollout)
@@ -222,17 +209,14 @@ def create_rollout(
     target = session.get(ModelVersion, to)
     if target is None:
         raise InvalidRequest("to", f"model {to!r} is not registered")
-    current = serving_model(session)
+    current = queries.serving_model(session)
     if current is None:
         raise Conflict("to", "no model is serving; register artifacts first")
     if current.name == to:
         raise InvalidRequest("to", f"model {to!r} is already serving")
-    pack = session.scalars(
-        sa.select(CompatPack).where(CompatPack.from_version == current.name, CompatPack.to_version == to)
-    ).first()
-    if pack is None:
+    if queries.compat_pack(session, current.name, to) is None:
         raise InvalidRequest("to", f"no compatibility pack from {current.name!r} to {to!r} is registered")
-    running = active_rollout(session)
+    running = queries.active_rollout(session)
     if running is not None:
         raise Conflict("rollout", f"rollout {running.id} is {running.status}; pause/abort it or wait")
     rollout = Rollout(
@@ -396,7 +380,7 @@ def sweep_retired_embeddings(session: Session, settings: Settings, now: dt.datet
     return deleted
 
 
-# --- jobs (enqueued by function path; see worker/jobs.py) ------------------------------------------------
+# --- jobs (enqueued by function path; see worker/plan.py and worker/driver.py) ---------------------------
 def plan_job_id(rollout_id: int) -> str:
     return f"backfill-plan-{rollout_id}"
 

@@ -16,24 +16,22 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import redis
-import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.artifacts import CompatPack, Encoder, load_compat, load_encoder, pick_device
+from models.artifacts import CompatPack, Encoder, pick_device
 from service import errors
 from service.config import Settings
-from service.db import make_engine, make_sessionmaker
-from service.db.models import CompatPack as CompatPackRow
+from service.db import make_engine, make_sessionmaker, queries
 from service.db.models import ModelVersion
 from service.index import ExternalIds, IndexManager, IndexSet, Layout
 from service.ingest import Follower
 from service.merge import Hit, merge_topk
 from service.metrics import SEARCH_STAGE_SECONDS
+from service.model_cache import EncoderRef, ModelCache, PackRef, Pair
 from service.redis_conn import make_redis
 
 log = logging.getLogger(__name__)
@@ -86,11 +84,16 @@ class Runtime:
     manager: IndexManager
     device: str
     follower: Follower | None = None
-    encoders: dict[str, Encoder] = field(default_factory=dict)
-    packs: dict[tuple[str, str], CompatPack] = field(default_factory=dict)
-    _load_lock: threading.Lock = field(default_factory=threading.Lock)
+    models: ModelCache = field(init=False)
+    # What each registered name / pair stands for now; re-read every follower cycle (`refresh_models`), so a
+    # re-registered compat pack is loaded by its new checksum without a DB read on the query path.
+    _encoder_refs: dict[str, EncoderRef] = field(default_factory=dict)
+    _pack_refs: dict[Pair, PackRef] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     progress_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.models = ModelCache(self.settings.artifacts_dir, lambda: self.device)
 
     # --- lifecycle -----------------------------------------------------------------------------------
     @classmethod
@@ -127,6 +130,7 @@ class Runtime:
             poll_seconds=self.settings.ingest_poll_seconds,
             forward=self.forward,
             r=self.redis,
+            on_cycle=self.refresh_models,
         )
         if follow:
             self.follower.start()
@@ -159,10 +163,17 @@ class Runtime:
         return self.follower is not None and self.follower.ready.wait(timeout)
 
     # --- models --------------------------------------------------------------------------------------
+    def refresh_models(self, session: Session) -> None:
+        """Re-read which artifact every model name and compat pair stands for (the follower calls it at the
+        start of every cycle); the cache loads an artifact whose checksum changed on its next use."""
+        self._encoder_refs = {m.name: EncoderRef.of(m) for m in queries.model_versions(session)}
+        self._pack_refs = {(p.from_version, p.to_version): PackRef.of(p) for p in queries.compat_packs(session)}
+
     def preload_encoders(self) -> None:
         """Load every non-retired registered encoder once (the query path never loads a file)."""
         with self.sessionmaker() as s:
-            names = s.scalars(sa.select(ModelVersion.name).where(ModelVersion.status != "retired")).all()
+            self.refresh_models(s)
+            names = queries.loadable_model_names(s)
         for name in names:
             try:
                 self.encoder(name)
@@ -170,36 +181,24 @@ class Runtime:
                 log.error("cannot load model %s: %s", name, e)
 
     def encoder(self, name: str) -> Encoder:
-        enc = self.encoders.get(name)
-        if enc is not None:
-            return enc
-        with self._load_lock:
-            if name not in self.encoders:
-                with self.sessionmaker() as s:
-                    row = s.get(ModelVersion, name)
-                    if row is None:
-                        raise NotReady(f"model {name!r} is not registered")
-                    path = Path(row.artifact_path)
-                self.encoders[name] = load_encoder(path, self.device)
-            return self.encoders[name]
+        ref = self._encoder_refs.get(name)
+        if ref is None:
+            with self.sessionmaker() as s:
+                row = s.get(ModelVersion, name)
+                if row is None:
+                    raise NotReady(f"model {name!r} is not registered")
+                ref = self._encoder_refs[name] = EncoderRef.of(row)
+        return self.models.encoder(ref)
 
     def compat(self, src: str, dst: str) -> CompatPack:
-        pack = self.packs.get((src, dst))
-        if pack is not None:
-            return pack
-        with self._load_lock:
-            if (src, dst) not in self.packs:
-                with self.sessionmaker() as s:
-                    row = s.scalars(
-                        sa.select(CompatPackRow).where(
-                            CompatPackRow.from_version == src, CompatPackRow.to_version == dst
-                        )
-                    ).first()
-                    if row is None:
-                        raise NotReady(f"no compat pack {src} -> {dst} is registered")
-                    path = Path(row.artifact_path)
-                self.packs[(src, dst)] = load_compat(path, self.device)
-            return self.packs[(src, dst)]
+        ref = self._pack_refs.get((src, dst))
+        if ref is None:
+            with self.sessionmaker() as s:
+                row = queries.compat_pack(s, src, dst)
+                if row is None:
+                    raise NotReady(f"no compat pack {src} -> {dst} is registered")
+                ref = self._pack_refs[(src, dst)] = PackRef.of(row)
+        return self.models.compat(ref)
 
     def forward(self, src: str, dst: str, old_vecs: np.ndarray) -> np.ndarray:
         return self.compat(src, dst).forward(old_vecs)

@@ -1,4 +1,6 @@
-"""RQ jobs and the worker entry point: plan a rollout, backfill batches."""
+"""RQ jobs and the worker entry point: plan a rollout (`worker.plan`), drive its backfill (`worker.driver`,
+batch by batch: `worker.backfill`), re-enqueue and sweep (`worker.maintenance`); `worker.context` is the
+process's state and `worker.main` runs the RQ worker."""
 
 import os
 

@@ -15,7 +15,8 @@ from typing import Any
 from rq import Queue, SimpleWorker
 
 from service.config import Settings
-from worker.jobs import WorkerContext, configure, maintain
+from worker.context import WorkerContext, configure
+from worker.maintenance import maintain
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from service import rollouts as domain
 from service.config import Settings
 from service.db import Embedding, ModelVersion, make_engine, make_sessionmaker
 from service.db.migrate import upgrade_head
-from worker import jobs
+from worker import context, driver, plan
 
 __all__ = ["drive", "main", "rollout", "run", "section_backfill"]
 
@@ -48,12 +48,12 @@ def drive(settings_json: str, rollout_id: int, barrier: Any, out: Any) -> None:
 
     The target of the spawned worker processes: they import it as `devtools.bench.backfill.drive`."""
     settings = Settings.model_validate_json(settings_json)
-    ctx = jobs.configure(settings)
+    ctx = context.configure(settings)
     with ctx.sessionmaker() as s:
         ctx.encoder(s.get(ModelVersion, "v2"))  # type: ignore[arg-type]  # loaded once per process
     barrier.wait()
     t0 = time.perf_counter()
-    summary = jobs.drive(ctx, rollout_id)
+    summary = driver.drive(ctx, rollout_id)
     out.put({"pid": os.getpid(), "items": len(summary.embedded), "seconds": time.perf_counter() - t0})
 
 
@@ -81,8 +81,8 @@ def rollout(settings: Settings, maker: Any, workers: int, batch_size: int) -> di
         s.execute(sa.update(ModelVersion).where(ModelVersion.name == "v2").values(status="registered"))
         s.commit()
         rid = domain.create_rollout(s, settings, to="v2", policy="uncertainty", batch_size=batch_size).id
-    jobs.configure(settings)
-    jobs.plan_rollout(rid)
+    context.configure(settings)
+    plan.plan_rollout(rid)
     mpc = mp.get_context("spawn")  # never fork a process that may hold CUDA or DB connections
     barrier, out = mpc.Barrier(workers + 1), mpc.Queue()
     procs = [mpc.Process(target=drive, args=(settings.model_dump_json(), rid, barrier, out)) for _ in range(workers)]

@@ -1,4 +1,5 @@
-"""The tables of DESIGN.md. Portable between Postgres and SQLite (no dialect-only column types)."""
+"""The tables of docs/design.md ("Durable state"). Portable between Postgres and SQLite (no dialect-only
+column types)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     func,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names, so migrations and `alembic check` never depend on dialect defaults.
@@ -46,6 +49,27 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """`DateTime(timezone=True)` that always hands back timezone-aware UTC datetimes (SQLite returns naive
+    ones, Postgres ones in the session's time zone) and stores UTC. A naive datetime is refused: its zone is
+    unknown. Same DDL as its `impl`, so the schema (and `alembic check`) does not change."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware one (service.db.models.utcnow())")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -61,7 +85,7 @@ class ModelVersion(Base):
     checksum: Mapped[str] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(16), default="registered")  # registered|serving|retired
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (
         CheckConstraint("status IN ('registered', 'serving', 'retired')", name="status"),
@@ -80,7 +104,7 @@ class CompatPack(Base):
     artifact_path: Mapped[str] = mapped_column(Text)
     checksum: Mapped[str] = mapped_column(String(128))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("from_version", "to_version"),)
 
@@ -94,10 +118,10 @@ class Item(Base):
     external_id: Mapped[str] = mapped_column(String(256), unique=True)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     label: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     # Soft delete; `deleted_seq` orders deletes for followers the way `Embedding.seq` orders inserts.
-    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     deleted_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
 
 
@@ -111,7 +135,7 @@ class Embedding(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
     model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.name"))
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, `dim` values
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (
         UniqueConstraint("item_id", "model_version"),
@@ -137,10 +161,10 @@ class Rollout(Base):
     # so two concurrent /upgrade calls give one 202 and one 409 (NULLs never collide).
     active_lock: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
         CheckConstraint("status IN ('planning', 'running', 'paused', 'completed', 'aborted', 'failed')", name="status"),
@@ -160,12 +184,12 @@ class BackfillTask(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
     priority: Mapped[float] = mapped_column(Float)
     state: Mapped[str] = mapped_column(String(16), default="pending")
-    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     leased_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
-    done_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
 
     __table_args__ = (
         UniqueConstraint("rollout_id", "item_id"),
@@ -187,6 +211,7 @@ __all__ = [
     "Item",
     "ModelVersion",
     "Rollout",
+    "UTCDateTime",
     "func",
     "utcnow",
 ]

@@ -28,9 +28,9 @@ from service import rollouts as domain
 from service.api.errors import install as install_error_handlers
 from service.api.rollouts import router
 from service.config import Settings
-from service.db import Rollout, make_engine, make_sessionmaker
+from service.db import Rollout, make_engine, make_sessionmaker, queries
 from service.redis_conn import make_redis
-from worker import jobs
+from worker import context, plan
 
 pytestmark = pytest.mark.integration
 
@@ -114,8 +114,8 @@ def test_upgrade_returns_202_and_enqueues_the_plan(client: TestClient, s: Settin
     again = client.post("/upgrade", json={"to": "v2"}, headers=AUTH)
     assert again.status_code == 409 and again.json()["detail"]["field"] == "rollout"
 
-    jobs.configure(s)
-    jobs.plan_rollout(body["id"])
+    context.configure(s)
+    plan.plan_rollout(body["id"])
     got = client.get(f"/rollouts/{body['id']}").json()
     assert got["status"] == "running" and got["total"] == 40 and got["done"] == 0 and got["started_at"]
     assert domain.driver_job_id(body["id"], 0) in _queued_ids(s)
@@ -166,8 +166,8 @@ def test_mutations_need_the_operator_token(client: TestClient) -> None:
 
 def test_control_endpoints(client: TestClient, s: Settings) -> None:
     rid = client.post("/upgrade", json={"to": "v2", "policy": "random"}, headers=AUTH).json()["id"]
-    jobs.configure(s)
-    jobs.plan_rollout(rid)
+    context.configure(s)
+    plan.plan_rollout(rid)
 
     r = client.patch(f"/rollouts/{rid}", json={"max_items_per_second": 12.5}, headers=AUTH)
     assert r.status_code == 200 and r.json()["max_items_per_second"] == 12.5
@@ -229,14 +229,14 @@ def test_unique_index_is_the_last_line_of_defence(s: Settings, db: sa.orm.sessio
     """Both creates pass the pre-check (it reads before either commits); the constraint decides."""
     a, b = db(), db()
     try:
-        original = domain.active_rollout
-        domain.active_rollout = lambda session: None  # type: ignore[assignment]
+        original = queries.active_rollout
+        queries.active_rollout = lambda session: None
         try:
             domain.create_rollout(a, s, to="v2")
             with pytest.raises(domain.Conflict):
                 domain.create_rollout(b, s, to="v2")
         finally:
-            domain.active_rollout = original  # type: ignore[assignment]
+            queries.active_rollout = original
     finally:
         a.close()
         b.close()

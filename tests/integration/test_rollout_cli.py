@@ -20,7 +20,7 @@ from service.api.rollouts import router
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
 from service.redis_conn import make_redis
-from worker import jobs
+from worker import context, driver, plan
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette asks for `httpx2`; its httpx fallback works
@@ -54,9 +54,9 @@ def test_upgrade_status_and_control(api: Settings) -> None:
     assert out.exit_code == 0, out.output
     assert "rollout 1 v1->v2" in out.output and "status=planning" in out.output
 
-    jobs.configure(api)
-    jobs.plan_rollout(1)
-    assert jobs.drive(jobs.get_context(), 1).outcome == "completed"
+    context.configure(api)
+    plan.plan_rollout(1)
+    assert driver.drive(context.get_context(), 1).outcome == "completed"
 
     out = runner.invoke(cli, ["status", "--watch", "--interval", "0.1"])
     assert out.exit_code == 0, out.output

@@ -22,7 +22,7 @@ from service.config import Settings
 from service.db import BackfillTask, Embedding, Item, ModelVersion, make_engine, make_sessionmaker
 from service.db.models import utcnow
 from service.redis_conn import make_redis
-from worker import jobs
+from worker import backfill, context, driver, plan
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 @dataclass
 class Env:
     settings: Settings
-    ctx: jobs.WorkerContext
+    ctx: context.WorkerContext
     session: Session
     items: list[int]
     artifacts: dict[str, Path]
@@ -43,7 +43,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def make_env(settings: Settings, artifacts: dict[str, Path], n_items: int, **overrides: object) -> Env:
     s = settings.model_copy(update={"artifacts_dir": artifacts["v1"].parent, "metrics_port": 0, **overrides})
-    ctx = jobs.configure(s)
+    ctx = context.configure(s)
     session = ctx.sessionmaker()
     items = seed_gallery(session, artifacts, n_items)
     return Env(s, ctx, session, items, artifacts)
@@ -58,7 +58,7 @@ def env(settings: Settings, artifacts: dict[str, Path]) -> Iterator[Env]:
 
 def start(env: Env, **kw: object) -> int:
     rollout = domain.create_rollout(env.session, env.settings, to="v2", **kw)  # type: ignore[arg-type]
-    jobs.plan_rollout(rollout.id)
+    plan.plan_rollout(rollout.id)
     return rollout.id
 
 
@@ -112,8 +112,8 @@ def test_claims_follow_sigma_order_exactly(settings: Settings, artifacts: dict[s
     env = make_env(settings, artifacts, 1500)
     rid = start(env, policy="uncertainty", batch_size=128)
     with env.ctx.sessionmaker() as s:
-        first = jobs.claim(s, env.ctx, rid, 128)
-        second = jobs.claim(s, env.ctx, rid, 128)
+        first = backfill.claim(s, env.ctx, rid, 128)
+        second = backfill.claim(s, env.ctx, rid, 128)
     rows = env.session.execute(
         sa.select(Embedding.item_id, Embedding.vector)
         .where(Embedding.model_version == "v1")
@@ -130,7 +130,7 @@ def test_claims_follow_sigma_order_exactly(settings: Settings, artifacts: dict[s
 def test_fifo_claims_in_item_order(env: Env) -> None:
     rid = start(env, policy="fifo")
     with env.ctx.sessionmaker() as s:
-        claimed = jobs.claim(s, env.ctx, rid, 10)
+        claimed = backfill.claim(s, env.ctx, rid, 10)
     assert sorted(claimed.tasks.values()) == env.items[:10]
 
 
@@ -138,7 +138,7 @@ def test_two_workers_share_without_overlap(env: Env, artifacts: dict[str, Path])
     rid = start(env, policy="random", batch_size=8)
     # Two independent worker contexts (own engine, Redis client and model copies), run side by side.
     contexts = [
-        jobs.WorkerContext(
+        context.WorkerContext(
             env.settings,
             make_sessionmaker(make_engine(env.settings)),
             make_redis(env.settings),
@@ -147,11 +147,11 @@ def test_two_workers_share_without_overlap(env: Env, artifacts: dict[str, Path])
         for i in range(2)
     ]
     barrier = threading.Barrier(2)
-    summaries: list[jobs.DriveSummary] = [jobs.DriveSummary(rid), jobs.DriveSummary(rid)]
+    summaries: list[driver.DriveSummary] = [driver.DriveSummary(rid), driver.DriveSummary(rid)]
 
     def run(i: int) -> None:
         barrier.wait()
-        summaries[i] = jobs.drive(contexts[i], rid)
+        summaries[i] = driver.drive(contexts[i], rid)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -170,9 +170,9 @@ def test_two_workers_share_without_overlap(env: Env, artifacts: dict[str, Path])
     assert embedding_counts(env.session, "v2") == (len(env.items), len(env.items))
 
 
-def _run_in_thread(env: Env, rid: int) -> tuple[threading.Thread, list[jobs.DriveSummary]]:
-    out: list[jobs.DriveSummary] = []
-    t = threading.Thread(target=lambda: out.append(jobs.drive(env.ctx, rid)))
+def _run_in_thread(env: Env, rid: int) -> tuple[threading.Thread, list[driver.DriveSummary]]:
+    out: list[driver.DriveSummary] = []
+    t = threading.Thread(target=lambda: out.append(driver.drive(env.ctx, rid)))
     t.start()
     return t, out
 
@@ -201,12 +201,12 @@ def test_pause_stops_progress_and_resume_continues(env: Env) -> None:
     assert frozen < len(env.items)
     time.sleep(0.5)
     assert _done(env, rid) == frozen
-    assert jobs.drive(env.ctx, rid).outcome == "paused"  # a driver started while paused does nothing
+    assert driver.drive(env.ctx, rid).outcome == "paused"  # a driver started while paused does nothing
     assert _done(env, rid) == frozen
 
     domain.resume(env.session, rid)
     domain.set_throttle(env.session, rid, None)
-    assert jobs.drive(env.ctx, rid).outcome == "completed"
+    assert driver.drive(env.ctx, rid).outcome == "completed"
     assert embedding_counts(env.session, "v2") == (len(env.items), len(env.items))
 
 
@@ -215,7 +215,7 @@ def test_throttle_bounds_the_rate(env: Env) -> None:
     rid = start(env, batch_size=64, max_items_per_second=rate)
     env.ctx.redis.delete(f"backfill:throttle:{rid}")
     t0 = time.monotonic()
-    summary = jobs.drive(env.ctx, rid)
+    summary = driver.drive(env.ctx, rid)
     elapsed = time.monotonic() - t0
     assert summary.outcome == "completed"
     total = len(env.items)
@@ -232,14 +232,14 @@ def test_throttle_bounds_the_rate(env: Env) -> None:
 def test_abort_returns_to_old_model_and_purges(env: Env) -> None:
     rid = start(env, batch_size=20)
     rollout = domain.get_rollout(env.session, rid)
-    assert jobs.run_batch(env.ctx, rollout, 20).embedded
+    assert backfill.run_batch(env.ctx, rollout, 20).embedded
     assert embedding_counts(env.session, "v2")[0] == 20
     aborted = domain.abort(env.session, rid, purge=True)
     assert aborted.status == "aborted" and aborted.active_lock is None and aborted.finished_at is not None
     assert model_status(env) == {"v1": "serving", "v2": "registered"}
     assert embedding_counts(env.session, "v2")[0] == 0
     assert embedding_counts(env.session, "v1")[0] == len(env.items)
-    assert jobs.drive(env.ctx, rid).outcome == "aborted"
+    assert driver.drive(env.ctx, rid).outcome == "aborted"
     assert embedding_counts(env.session, "v2")[0] == 0
     with pytest.raises(domain.Conflict):
         domain.resume(env.session, rid)
@@ -250,7 +250,7 @@ def test_abort_returns_to_old_model_and_purges(env: Env) -> None:
 
 def test_abort_without_purge_keeps_new_vectors(env: Env) -> None:
     rid = start(env, batch_size=20)
-    jobs.run_batch(env.ctx, domain.get_rollout(env.session, rid), 20)
+    backfill.run_batch(env.ctx, domain.get_rollout(env.session, rid), 20)
     domain.abort(env.session, rid)  # settings.purge_on_abort is False
     assert embedding_counts(env.session, "v2")[0] == 20
     assert model_status(env)["v1"] == "serving"
@@ -260,11 +260,11 @@ def test_in_flight_batch_after_abort_writes_nothing(env: Env) -> None:
     rid = start(env, batch_size=10)
     rollout = domain.get_rollout(env.session, rid)
     with env.ctx.sessionmaker() as s:
-        claimed = jobs.claim(s, env.ctx, rid, 10)
+        claimed = backfill.claim(s, env.ctx, rid, 10)
     domain.abort(env.session, rid, purge=True)
     vectors = {iid: np.ones(24, np.float32) for iid in claimed.tasks.values()}
     with env.ctx.sessionmaker() as s:
-        res = jobs.commit_batch(s, env.ctx, rollout, claimed, vectors, {})
+        res = backfill.commit_batch(s, env.ctx, rollout, claimed, vectors, {})
     assert res.embedded == [] and embedding_counts(env.session, "v2")[0] == 0
 
 
@@ -276,7 +276,7 @@ def test_bad_payloads_fail_after_max_attempts_and_deleted_items_are_skipped(env:
     rid = start(env, batch_size=16)
     env.session.execute(sa.update(Item).where(Item.id == env.items[6]).values(deleted_at=utcnow()))
     env.session.commit()  # deleted after planning: its task ends done, without an embedding
-    summary = jobs.drive(env.ctx, rid)
+    summary = driver.drive(env.ctx, rid)
     r = domain.get_rollout(env.session, rid)
     assert summary.outcome == "failed" and r.status == "failed" and r.active_lock is None
     assert r.error and "1 item(s) failed" in r.error
@@ -297,13 +297,13 @@ def test_expired_lease_is_reclaimed_and_late_commit_is_dropped(settings: Setting
     rid = start(env, batch_size=10)
     rollout = domain.get_rollout(env.session, rid)
     with env.ctx.sessionmaker() as s:
-        stale = jobs.claim(s, env.ctx, rid, 10)  # a worker that then stalls
+        stale = backfill.claim(s, env.ctx, rid, 10)  # a worker that then stalls
     time.sleep(0.4)
-    summary = jobs.drive(env.ctx, rid)  # reclaims the expired lease and finishes everything
+    summary = driver.drive(env.ctx, rid)  # reclaims the expired lease and finishes everything
     assert summary.outcome == "completed" and set(summary.embedded) == set(env.items)
     vectors = {iid: np.ones(24, np.float32) for iid in stale.tasks.values()}
     with env.ctx.sessionmaker() as s:
-        late = jobs.commit_batch(s, env.ctx, rollout, stale, vectors, {})
+        late = backfill.commit_batch(s, env.ctx, rollout, stale, vectors, {})
     assert late.embedded == [] and late.lost_lease == 10
     assert embedding_counts(env.session, "v2") == (30, 30)
     env.session.close()
@@ -312,6 +312,6 @@ def test_expired_lease_is_reclaimed_and_late_commit_is_dropped(settings: Setting
 def test_retention_sweep_deletes_old_vectors_after_the_window(settings: Settings, artifacts: dict[str, Path]) -> None:
     env = make_env(settings, artifacts, 20, old_embedding_retention_days=0)
     rid = start(env)
-    assert jobs.drive(env.ctx, rid).outcome == "completed"
+    assert driver.drive(env.ctx, rid).outcome == "completed"
     assert embedding_counts(env.session, "v1")[0] == 0 and embedding_counts(env.session, "v2")[0] == 20
     env.session.close()

@@ -17,7 +17,7 @@ from devtools.fakes import embedding_counts, make_tiny_artifacts, seed_gallery
 from service import rollouts as domain
 from service.config import REPO_ROOT, Settings
 from service.db import BackfillTask, make_engine, make_sessionmaker
-from worker import jobs
+from worker import context, plan
 
 pytestmark = pytest.mark.integration
 
@@ -47,11 +47,11 @@ def _spawn(settings: Settings, name: str) -> subprocess.Popen[bytes]:
 def test_sigkilled_worker_loses_nothing(settings: Settings, tmp_path: Path) -> None:
     artifacts = make_tiny_artifacts(tmp_path / "artifacts", slow_reps=100)  # a batch of 10 takes measurable time
     s = settings.model_copy(update={"artifacts_dir": tmp_path / "artifacts", "lease_seconds": LEASE})
-    ctx = jobs.configure(s)
+    ctx = context.configure(s)
     session = make_sessionmaker(make_engine(s))()
     items = seed_gallery(session, artifacts, 100)
     rollout = domain.create_rollout(session, s, to="v2", policy="random", batch_size=10)
-    jobs.plan_rollout(rollout.id)  # enqueues the driver job; no worker runs yet
+    plan.plan_rollout(rollout.id)  # enqueues the driver job; no worker runs yet
 
     victim = _spawn(s, "victim")
     survivor = None

@@ -13,7 +13,7 @@ from service.config import Settings
 from service.db import make_engine, make_sessionmaker
 from service.db.migrate import upgrade_head
 from service.redis_conn import make_redis
-from worker import jobs
+from worker import context, driver, plan
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +26,13 @@ def test_sqlite_rollout_with_two_drivers(redis_url: str, tmp_path: Path) -> None
     with maker() as session:
         items = seed_gallery(session, artifacts, 80)
         rid = domain.create_rollout(session, s, to="v2", policy="uncertainty", batch_size=8).id
-    jobs.configure(s)
-    jobs.plan_rollout(rid)
+    context.configure(s)
+    plan.plan_rollout(rid)
     contexts = [
-        jobs.WorkerContext(s, make_sessionmaker(make_engine(s)), make_redis(s), worker_id=f"w{i}") for i in (0, 1)
+        context.WorkerContext(s, make_sessionmaker(make_engine(s)), make_redis(s), worker_id=f"w{i}") for i in (0, 1)
     ]
-    out: list[jobs.DriveSummary] = []
-    threads = [threading.Thread(target=lambda c=c: out.append(jobs.drive(c, rid))) for c in contexts]
+    out: list[driver.DriveSummary] = []
+    threads = [threading.Thread(target=lambda c=c: out.append(driver.drive(c, rid))) for c in contexts]
     for t in threads:
         t.start()
     for t in threads:
