@@ -1,13 +1,13 @@
-"""Follow the embeddings table into the in-memory indices (DESIGN.md, "Ingest").
+"""Follow the embeddings table into the in-memory indices (docs/design.md, "Rollout lifecycle", step 4).
 
 A `Follower` thread polls every `ingest_poll_seconds` and wakes early on any Redis event. Each cycle it
 re-reads the layout (serving model + active rollout) in one statement; a changed layout means a full
 rebuild into a fresh `IndexSet`, swapped in when caught up. Otherwise it reads the embedding rows past
 its cursor and applies them in atomic batches (a target-model row moves its item from OLD to NEW).
 
-Out-of-order commits: `seq` is assigned at insert, so a transaction can commit a lower seq after a
-higher one was read. The cursor remembers every seq it skipped over (a gap) and keeps asking for it
-until it shows up or `gap_grace_seconds` pass (a rolled-back insert or a deleted row never shows up).
+Out-of-order commits, rolled-back inserts and deleted rows: `service/cursor.py`. Every read pages by
+`seq`, so a cycle reads everything committed before it started and the process is ready only after a
+complete pass.
 
 Deletes: `items.deleted_seq` is `max(deleted_seq) + 1` at delete time; the cursor re-reads a window of
 `DELETE_LOOKBACK` below its delete watermark each cycle so concurrent deletes cannot slip past.
@@ -16,11 +16,11 @@ Deletes: `items.deleted_seq` is `max(deleted_seq) + 1` at delete time; the curso
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,15 +29,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import events
+from service.cursor import Cursor, Horizon, horizon_for
 from service.db.models import Embedding, Item, ModelVersion, Rollout
 from service.index import IndexManager, IndexSet, Layout, VectorIndex
 from service.metrics import INDEX_VECTORS, INGESTED_TOTAL, INGESTION_LAG_SECONDS, SERVING_INFO
 
 log = logging.getLogger(__name__)
 
-GAP_GRACE_SECONDS = 120.0
-GAP_WINDOW = 10_000  # seqs further than this below a newly seen one are not tracked as gaps
-GAP_IN_LIST_MAX = 2_000
 DELETE_LOOKBACK = 1_000
 
 
@@ -59,45 +57,6 @@ def read_layout(session: Session) -> Layout:
     return Layout(serving=serving, rollout_id=int(rid), from_model=src, to_model=dst, mode=mode)
 
 
-@dataclass
-class Cursor:
-    """Ingestion watermark over `embeddings.seq` with gap tracking, plus the delete watermark."""
-
-    hw: int = 0
-    gaps: dict[int, float] = field(default_factory=dict)  # seq -> monotonic time first seen missing
-    del_hw: int = 0
-    grace_seconds: float = GAP_GRACE_SECONDS
-
-    def observe(self, seqs: list[int], now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        for s in sorted(seqs):
-            if s <= self.hw:
-                self.gaps.pop(s, None)
-                continue
-            for g in range(max(self.hw + 1, s - GAP_WINDOW), s):
-                self.gaps[g] = now
-            self.hw = s
-
-    def expire(self, now: float | None = None) -> int:
-        now = time.monotonic() if now is None else now
-        old = [s for s, t in self.gaps.items() if now - t > self.grace_seconds]
-        for s in old:
-            del self.gaps[s]
-        return len(old)
-
-    def where(self) -> Any:
-        """SQL filter for rows not yet seen: past the watermark, or a still-open gap."""
-        after = Embedding.seq > self.hw
-        if not self.gaps:
-            return after
-        if len(self.gaps) <= GAP_IN_LIST_MAX:
-            return sa.or_(after, Embedding.seq.in_(sorted(self.gaps)))
-        return Embedding.seq >= min(self.gaps)  # rows already seen are skipped by `unseen`
-
-    def unseen(self, seq: int) -> bool:
-        return seq > self.hw or seq in self.gaps
-
-
 class Follower:
     """Keeps `manager.current` in step with the database; one background thread plus a pub/sub thread."""
 
@@ -113,7 +72,6 @@ class Follower:
         poll_seconds: float,
         forward: Callable[[str, str, np.ndarray], np.ndarray],
         r: redis.Redis | None = None,
-        gap_grace_seconds: float = GAP_GRACE_SECONDS,
         on_cycle: Callable[[Session], None] | None = None,
     ) -> None:
         self.sm = sm
@@ -127,8 +85,8 @@ class Follower:
         self.forward = forward  # (from, to, old vectors) -> h(old vectors)
         self.on_cycle = on_cycle  # first thing of every cycle, in its session (the runtime re-reads artifacts)
         self.redis = r
-        self.gap_grace_seconds = gap_grace_seconds
-        self.cursor = Cursor(grace_seconds=gap_grace_seconds)
+        self.cursor = Cursor()
+        self._horizon: Horizon | None = None
         self.ready = threading.Event()
         self.last_error: str | None = None
         self._wake = threading.Event()
@@ -223,7 +181,7 @@ class Follower:
     def rebuild(self, layout: Layout) -> IndexSet:
         """Build a fresh IndexSet for `layout` from the embeddings table, then swap it in."""
         t0 = time.monotonic()
-        cursor = Cursor(grace_seconds=self.gap_grace_seconds)
+        cursor = Cursor()
         with self.sm() as s:
             dims = dict(s.execute(sa.select(ModelVersion.name, ModelVersion.dim)).tuples().all())
             cursor.del_hw = int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(Item.deleted_seq), 0))) or 0)
@@ -269,12 +227,25 @@ class Follower:
         return ix
 
     def _catch_up(self, ix: IndexSet, cursor: Cursor, metrics: bool) -> None:
-        while self._ingest_batch(ix, cursor, metrics) >= self.batch_size:
+        """Everything committed before this call: the rows past the watermark, then the open gaps, each
+        read in pages of `batch_size` by seq; then the deletes."""
+        while self._ingest_batch(ix, cursor, cursor.after_watermark(), metrics)[0] >= self.batch_size:
             pass
+        for in_gaps in cursor.in_gaps():
+            after = 0
+            while True:
+                fetched, last = self._ingest_batch(ix, cursor, sa.and_(in_gaps, Embedding.seq > after), metrics)
+                if fetched < self.batch_size:
+                    break
+                after = last
         self._apply_deletes(ix, cursor)
-        cursor.expire()
+        with self.sm() as s:
+            if self._horizon is None:
+                self._horizon = horizon_for(s)
+            cursor.settle(s, self._horizon)
 
-    def _ingest_batch(self, ix: IndexSet, cursor: Cursor, metrics: bool) -> int:
+    def _ingest_batch(self, ix: IndexSet, cursor: Cursor, where: Any, metrics: bool) -> tuple[int, int]:
+        """Apply one page of rows matching `where`; returns (rows fetched, the last seq fetched)."""
         layout = ix.layout
         stmt = (
             sa.select(
@@ -287,14 +258,15 @@ class Follower:
                 Item.deleted_at,
             )
             .join(Item, Item.id == Embedding.item_id)
-            .where(cursor.where())
+            .where(where)
             .order_by(Embedding.seq)
             .limit(self.batch_size)
         )
         with self.sm() as s:
-            rows = [r for r in s.execute(stmt).all() if cursor.unseen(int(r.seq))]
-        if not rows:
-            return 0
+            fetched = s.execute(stmt).all()
+        if not fetched:
+            return 0, 0
+        rows = [r for r in fetched if cursor.unseen(int(r.seq))]
         new_model = layout.query_model
         old_model = layout.from_model if layout.in_rollout else None
         new_ids: list[int] = []
@@ -330,6 +302,11 @@ class Follower:
             to_old = (np.asarray(old_ids, np.int64), ov)
         n_new, n_old = ix.apply(to_new=to_new, to_old=to_old)
         cursor.observe([int(r.seq) for r in rows])
+        self._export_ingested(metrics, n_new, n_old, newest)
+        return len(fetched), int(fetched[-1].seq)
+
+    @staticmethod
+    def _export_ingested(metrics: bool, n_new: int, n_old: int, newest: dt.datetime | None) -> None:
         if metrics:
             if n_new:
                 INGESTED_TOTAL.labels(side="new").inc(n_new)
@@ -337,7 +314,6 @@ class Follower:
                 INGESTED_TOTAL.labels(side="old").inc(n_old)
             if newest is not None:
                 INGESTION_LAG_SECONDS.set(max(0.0, time.time() - newest.timestamp()))
-        return len(rows)
 
     def _apply_deletes(self, ix: IndexSet, cursor: Cursor) -> None:
         with self.sm() as s:

@@ -140,6 +140,7 @@ class Embedding(Base):
     __table_args__ = (
         UniqueConstraint("item_id", "model_version"),
         Index("ix_embeddings_version_seq", "model_version", "seq"),
+        {"sqlite_autoincrement": True},  # a deleted newest row must not give its seq to the next insert
     )
 
 
