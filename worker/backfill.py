@@ -9,8 +9,9 @@ model, commit embeddings and task states in one transaction. `worker.driver` loo
   those items (`ON CONFLICT (item_id, model_version) DO NOTHING`) in the same transaction, holding a
   `FOR SHARE` lock on the rollout row so an abort (`FOR UPDATE`) cannot interleave with it.
 
-`attempts` is counted at claim time, so an item that crashes its worker also ends `failed` after
-`max_attempts` claims instead of killing workers forever.
+`attempts` is counted at claim time. A task whose lease expired after `max_attempts` claims was held by
+workers that died with it (OOM, segfault: nothing ran the failure path), so the next claim ends it `failed`
+with that reason instead of handing it to a next worker to kill (`reap_orphans`); the rollout then finishes.
 """
 
 from __future__ import annotations
@@ -44,15 +45,38 @@ class Claimed:
     tasks: dict[int, int]  # task id -> item id
 
 
+def reap_orphans(session: Session, ctx: WorkerContext, rollout_id: int, now: dt.datetime) -> int:
+    """End `failed` the tasks whose lease expired with no attempt left: each claim of them lost its worker."""
+    t = TASKS
+    result = session.execute(
+        sa.update(t)
+        .where(
+            t.c.rollout_id == rollout_id,
+            t.c.state == "leased",
+            t.c.lease_expires_at < now,
+            t.c.attempts >= ctx.settings.max_attempts,
+        )
+        .values(
+            state="failed",
+            lease_expires_at=None,
+            last_error=sa.func.coalesce(t.c.last_error + "; ", "")
+            + f"lease expired after {ctx.settings.max_attempts} attempts: the worker holding it stopped (crash?)",
+            updated_at=now,
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def claim(session: Session, ctx: WorkerContext, rollout_id: int, n: int) -> Claimed:
-    """Lease up to `n` of the highest-priority claimable tasks (pending, or leased with an expired lease)."""
+    """Lease up to `n` of the highest-priority claimable tasks (pending, or leased with an expired lease and
+    attempts left)."""
     now = utcnow()
     t = TASKS
     token = f"{ctx.worker_id}:{uuid.uuid4().hex[:12]}"
-    claimable = sa.and_(
-        t.c.rollout_id == rollout_id,
-        sa.or_(t.c.state == "pending", sa.and_(t.c.state == "leased", t.c.lease_expires_at < now)),
-    )
+    if reap_orphans(session, ctx, rollout_id, now):
+        session.commit()
+    expired = sa.and_(t.c.state == "leased", t.c.lease_expires_at < now, t.c.attempts < ctx.settings.max_attempts)
+    claimable = sa.and_(t.c.rollout_id == rollout_id, sa.or_(t.c.state == "pending", expired))
     pick = sa.select(t.c.id).where(claimable).order_by(t.c.priority.desc(), t.c.id).limit(n)
     values = {
         "state": "leased",

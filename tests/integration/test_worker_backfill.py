@@ -309,6 +309,31 @@ def test_expired_lease_is_reclaimed_and_late_commit_is_dropped(settings: Setting
     env.session.close()
 
 
+def test_a_task_that_kills_its_worker_every_time_ends_failed(settings: Settings, artifacts: dict[str, Path]) -> None:
+    """A payload that crashes the worker (OOM, segfault) never reaches the failure path: only the lease
+    expires. After `max_attempts` such claims the task ends `failed` and the rollout finishes."""
+    env = make_env(settings, artifacts, 12, lease_seconds=0.2, max_attempts=2)
+    rid = start(env, batch_size=4, policy="fifo")
+    killed: set[int] = set()
+    for _ in range(env.settings.max_attempts):
+        with env.ctx.sessionmaker() as s:
+            claimed = backfill.claim(s, env.ctx, rid, 1)  # the worker takes the poison task, then dies
+        killed |= set(claimed.tasks)
+        time.sleep(0.3)
+    assert len(killed) == 1
+    with env.ctx.sessionmaker() as s:
+        assert backfill.claim(s, env.ctx, rid, 1).tasks.keys() != killed  # not handed to another victim
+    time.sleep(0.3)
+    summary = driver.drive(env.ctx, rid)
+    assert summary.outcome == "failed" and status(env, rid) == "failed"
+    env.session.expire_all()
+    task = env.session.get(BackfillTask, killed.pop())
+    assert task is not None and task.state == "failed" and task.attempts == env.settings.max_attempts
+    assert task.last_error and "lease expired" in task.last_error
+    assert domain.task_counts(env.session, rid) == {"pending": 0, "leased": 0, "done": 11, "failed": 1}
+    env.session.close()
+
+
 def test_retention_sweep_deletes_old_vectors_after_the_window(settings: Settings, artifacts: dict[str, Path]) -> None:
     env = make_env(settings, artifacts, 20, old_embedding_retention_days=0)
     rid = start(env)
