@@ -372,7 +372,12 @@ def sweep_retired_embeddings(session: Session, settings: Settings, now: dt.datet
     ).all()
     deleted = 0
     for version in retired:
-        res = session.execute(sa.delete(Embedding).where(Embedding.model_version == version))
+        # Not while a rollout back to (or from) that model runs: it is writing or reading those vectors. One
+        # statement, so a rollout committed after it started writes rows this delete cannot see.
+        in_use = sa.exists().where(
+            Rollout.active_lock == 1, sa.or_(Rollout.to_version == version, Rollout.from_version == version)
+        )
+        res = session.execute(sa.delete(Embedding).where(Embedding.model_version == version, ~in_use))
         deleted += int(getattr(res, "rowcount", 0) or 0)
     session.commit()
     if deleted:

@@ -3,6 +3,7 @@ abort, failures, deleted items. Tiny random models and digits-sized images keep 
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from models.artifacts import load_compat
 from service import rollouts as domain
 from service.config import Settings
 from service.db import BackfillTask, Embedding, Item, ModelVersion, make_engine, make_sessionmaker
-from service.db.models import utcnow
+from service.db.models import Rollout, utcnow
 from service.redis_conn import make_redis
 from worker import backfill, context, driver, plan
 
@@ -339,4 +340,24 @@ def test_retention_sweep_deletes_old_vectors_after_the_window(settings: Settings
     rid = start(env)
     assert driver.drive(env.ctx, rid).outcome == "completed"
     assert embedding_counts(env.session, "v1")[0] == 0 and embedding_counts(env.session, "v2")[0] == 20
+    env.session.close()
+
+
+def test_the_sweep_spares_a_retired_model_that_a_running_rollout_goes_back_to(
+    settings: Settings, artifacts: dict[str, Path]
+) -> None:
+    env = make_env(settings, artifacts, 10, old_embedding_retention_days=1)
+    assert driver.drive(env.ctx, start(env)).outcome == "completed"
+    assert model_status(env) == {"v1": "retired", "v2": "serving"}
+    back = Rollout(
+        from_version="v2", to_version="v1", mode="reverse", policy="fifo", status="running", batch_size=4, active_lock=1
+    )
+    env.session.add(back)
+    env.session.commit()
+    later = utcnow() + dt.timedelta(days=2)  # past the retention window
+    assert domain.sweep_retired_embeddings(env.session, env.settings, now=later) == 0
+    assert embedding_counts(env.session, "v1")[0] == 10  # the rollout back to v1 keeps its vectors
+    back.status, back.active_lock = "aborted", None
+    env.session.commit()
+    assert domain.sweep_retired_embeddings(env.session, env.settings, now=later) == 10
     env.session.close()
