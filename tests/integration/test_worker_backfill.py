@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from rq import Queue, SimpleWorker
 from sqlalchemy.orm import Session
 
 from devtools.fakes import embedding_counts, make_tiny_artifacts, seed_gallery
@@ -24,6 +23,7 @@ from service.db import BackfillTask, Embedding, Item, ModelVersion, make_engine,
 from service.db.models import Rollout, utcnow
 from service.redis_conn import make_redis
 from worker import backfill, context, driver, plan
+from worker.main import build_worker
 
 pytestmark = pytest.mark.integration
 
@@ -76,8 +76,7 @@ def test_whole_rollout_through_rq_completes(env: Env) -> None:
     rollout = domain.create_rollout(env.session, env.settings, to="v2", batch_size=32)
     assert domain.enqueue_plan(env.ctx.redis, env.settings, rollout.id)
     assert not domain.enqueue_plan(env.ctx.redis, env.settings, rollout.id)  # unique job id: no double plan
-    q = Queue(env.settings.queue_name, connection=env.ctx.redis)
-    SimpleWorker([q], connection=env.ctx.redis).work(burst=True)
+    build_worker(env.ctx).work(burst=True)
 
     r = domain.get_rollout(env.session, rollout.id)
     assert r.status == "completed" and r.active_lock is None and r.finished_at is not None
