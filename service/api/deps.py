@@ -29,14 +29,18 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+def _operator_token_ok(settings: Settings, creds: HTTPAuthorizationCredentials | None) -> bool:
+    expected = settings.operator_token.get_secret_value().encode()
+    given = (creds.credentials if creds and creds.scheme.lower() == "bearer" else "").encode()
+    return bool(given) and hmac.compare_digest(given, expected)
+
+
 def require_operator(
     settings: Annotated[Settings, Depends(get_settings_dep)],
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Bearer operator token, compared in constant time."""
-    expected = settings.operator_token.get_secret_value().encode()
-    given = (creds.credentials if creds and creds.scheme.lower() == "bearer" else "").encode()
-    if not given or not hmac.compare_digest(given, expected):
+    if not _operator_token_ok(settings, creds):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             detail={"field": "Authorization", "problem": "missing or invalid operator bearer token"},
@@ -44,15 +48,21 @@ def require_operator(
         )
 
 
-def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings_dep)]) -> None:
-    """X-API-Key for /search when API keys are configured; open otherwise."""
+def require_api_key(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings_dep)],
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Every read (search, items, models, rollouts) needs an X-API-Key when API keys are configured, or the
+    operator token (the CLI reads rollouts with it); open when none are configured."""
     if not settings.api_keys:
         return
     given = request.headers.get("x-api-key", "").encode()
-    if not any(hmac.compare_digest(given, k.encode()) for k in settings.api_keys):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, detail={"field": "X-API-Key", "problem": "missing or invalid API key"}
-        )
+    if any(hmac.compare_digest(given, k.encode()) for k in settings.api_keys) or _operator_token_ok(settings, creds):
+        return
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail={"field": "X-API-Key", "problem": "missing or invalid API key"}
+    )
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

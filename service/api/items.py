@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from service import events
-from service.api.deps import OperatorDep, RuntimeDep, SessionDep, SettingsDep
+from service.api.deps import ApiKeyDep, OperatorDep, RuntimeDep, SessionDep, SettingsDep
 from service.api.images import decode_image
-from service.api.schemas import DeletedOut, ItemOut, ItemsIn, ItemsOut, error_responses
+from service.api.schemas import ITEM_ID_PATTERN, DeletedOut, ItemOut, ItemsIn, ItemsOut, error_responses
 from service.gallery import NewItem, add_items, delete_item, get_item
 
 router = APIRouter(tags=["gallery"])
 
 VISIBILITY_TIMEOUT_SECONDS = 10.0
+ItemId = Annotated[str, Path(min_length=1, max_length=256, pattern=ITEM_ID_PATTERN)]
 
 
 @router.post(
@@ -37,8 +40,13 @@ def post_items(body: ItemsIn, session: SessionDep, runtime: RuntimeDep, settings
     )
 
 
-@router.get("/items/{item_id}", response_model=ItemOut, responses=error_responses(404, 422, 503))
-def read_item(item_id: str, session: SessionDep, runtime: RuntimeDep) -> ItemOut:
+@router.get(
+    "/items/{item_id}",
+    response_model=ItemOut,
+    dependencies=[ApiKeyDep],
+    responses=error_responses(401, 404, 422, 503),
+)
+def read_item(item_id: ItemId, session: SessionDep, runtime: RuntimeDep) -> ItemOut:
     """One item: label, timestamps, the models it has embeddings for, and its index side here."""
     item = get_item(session, item_id)
     ix = runtime.manager.current
@@ -51,7 +59,7 @@ def read_item(item_id: str, session: SessionDep, runtime: RuntimeDep) -> ItemOut
     dependencies=[OperatorDep],
     responses=error_responses(401, 404, 422, 503),
 )
-def remove_item(item_id: str, session: SessionDep, runtime: RuntimeDep) -> DeletedOut:
+def remove_item(item_id: ItemId, session: SessionDep, runtime: RuntimeDep) -> DeletedOut:
     """Soft-delete an item; it leaves every index (this process at once, others on their next poll)."""
     delete_item(session, item_id)
     events.publish(runtime.redis, events.EMBEDDINGS, deleted=item_id)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body, Path, status
 from sqlalchemy.orm import Session
 
 from service import rollouts as domain
-from service.api.deps import OperatorDep, RuntimeDep, SessionDep
+from service.api.deps import ApiKeyDep, OperatorDep, RuntimeDep, SessionDep
 from service.api.schemas import (
     AbortRequest,
     RolloutOut,
@@ -74,7 +74,7 @@ def upgrade(body: UpgradeRequest, session: SessionDep, runtime: RuntimeDep) -> R
     return _view(session, rollout)
 
 
-@router.get("/rollouts", response_model=RolloutsOut, responses=error_responses(503))
+@router.get("/rollouts", response_model=RolloutsOut, dependencies=[ApiKeyDep], responses=error_responses(401, 503))
 def list_rollouts(session: SessionDep) -> RolloutsOut:
     """Rollouts, newest first."""
     return RolloutsOut(rollouts=[_view(session, r) for r in domain.list_rollouts(session)])
@@ -83,7 +83,8 @@ def list_rollouts(session: SessionDep) -> RolloutsOut:
 @router.get(
     "/rollouts/{rollout_id}",
     response_model=RolloutOut,
-    responses=error_responses(400, 404, 409, 422, 503),
+    dependencies=[ApiKeyDep],
+    responses=error_responses(401, 404, 422, 503),
 )
 def get_rollout(rollout_id: RolloutId, session: SessionDep) -> RolloutOut:
     """One rollout with its progress (counts derived from task states), rate and ETA."""

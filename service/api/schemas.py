@@ -7,6 +7,7 @@ the OpenAPI document describes every body the app sends without post-hoc patchin
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
@@ -87,7 +88,7 @@ class ModelOut(BaseModel):
     dim: int
     status: str
     checksum: str
-    artifact_path: str
+    artifact: str = Field(description="The artifact's folder name (no server paths are published).")
     metrics: dict[str, Any] | None
 
     @classmethod
@@ -97,7 +98,7 @@ class ModelOut(BaseModel):
             dim=m.dim,
             status=m.status,
             checksum=m.checksum,
-            artifact_path=m.artifact_path,
+            artifact=PurePath(m.artifact_path).name,
             metrics=(m.manifest or {}).get("metrics"),
         )
 
@@ -106,7 +107,7 @@ class CompatPackOut(BaseModel):
     from_: str = Field(serialization_alias="from")
     to: str
     checksum: str
-    artifact_path: str
+    artifact: str = Field(description="The artifact's folder name (no server paths are published).")
     metrics: dict[str, Any] | None
     calibrated_modes: list[str]
 
@@ -117,7 +118,7 @@ class CompatPackOut(BaseModel):
             from_=p.from_version,
             to=p.to_version,
             checksum=p.checksum,
-            artifact_path=p.artifact_path,
+            artifact=PurePath(p.artifact_path).name,
             metrics=manifest.get("metrics"),
             calibrated_modes=sorted((manifest.get("calibration") or {}).keys()),
         )
@@ -181,11 +182,21 @@ class SearchBatchOut(BaseModel):
     serving: ServingOut
 
 
+ITEM_ID_PATTERN = r"^[^/\\\x00-\x1f\x7f]+$"
+
+
 # --- gallery ---------------------------------------------------------------------------------------------
 class ItemIn(BaseModel):
-    id: str = Field(..., min_length=1, max_length=256, description="External id (idempotency key).")
+    id: str = Field(
+        ...,
+        min_length=1,
+        max_length=256,
+        pattern=ITEM_ID_PATTERN,
+        description="External id (idempotency key): no '/', backslash or control characters, so GET and DELETE "
+        "/items/{id} can address it.",
+    )
     image_b64: str = Field(..., min_length=1)
-    label: int | None = None
+    label: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="Optional class label (32-bit).")
 
 
 class ItemsIn(BaseModel):

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import RuntimeDep, SessionDep
+from service.api.deps import ApiKeyDep, RuntimeDep, SessionDep
 from service.api.schemas import HealthOut, ModelsOut, ReadyOut, ReadyServing, error_responses
 from service.metrics import registry
 from service.registry import list_models
@@ -64,7 +64,8 @@ def readyz(runtime: RuntimeDep, response: Response) -> ReadyOut:
     if serving is not None:
         out.serving = serving
     if runtime.follower is not None and runtime.follower.last_error:
-        out.ingestion = runtime.follower.last_error
+        # the exception's type only: its text can carry SQL, hosts or paths (the log has the whole of it)
+        out.ingestion = "error: " + runtime.follower.last_error.split(":", 1)[0]
     return out
 
 
@@ -74,7 +75,7 @@ def metrics() -> Response:
     return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/models", response_model=ModelsOut, responses=error_responses(503))
+@router.get("/models", response_model=ModelsOut, dependencies=[ApiKeyDep], responses=error_responses(401, 503))
 def models(session: SessionDep) -> ModelsOut:
     """Registered model versions and compatibility packs."""
     return ModelsOut.of(list_models(session))

@@ -218,3 +218,25 @@ def test_body_and_count_limits(client: TestClient) -> None:
     assert r.status_code in (400, 422) and r.json()["detail"]["field"] == "body", r.text
     r = client.post("/search", content=b"image=1", headers={"content-type": "application/x-www-form-urlencoded"})
     assert 400 <= r.status_code < 500 and r.json()["detail"]["field"]
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        ({"id": "a/b"}, "items[0].id"),  # could be created but never read or deleted by path
+        ({"id": "nul\x00byte"}, "items[0].id"),  # Postgres text cannot hold NUL: was a 500
+        ({"id": "tab\there"}, "items[0].id"),
+        ({"id": "x", "label": 2**31}, "items[0].label"),  # beyond the int4 column: was a 500
+        ({"id": "x", "label": -(2**31) - 1}, "items[0].label"),
+    ],
+)
+def test_ids_and_labels_out_of_bounds_are_422(client: TestClient, item: dict[str, object], field: str) -> None:
+    body = {"items": [{"image_b64": base64.b64encode(_png(Image.fromarray(sample()))).decode(), **item}]}
+    r = client.post("/items", json=body, headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"]["field"] == field, r.text
+    assert client.get("/items/x").status_code == 404  # nothing stored
+
+
+def test_a_nul_byte_in_an_item_path_is_422(client: TestClient) -> None:
+    assert client.get("/items/a%00b").status_code == 422
+    assert client.delete("/items/a%00b", headers=AUTH).status_code == 422

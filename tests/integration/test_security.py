@@ -307,3 +307,33 @@ def test_cors_open_only_for_configured_origins(sec_settings: Settings) -> None:
         r = c.get("/models", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
         assert r.headers.get("access-control-allow-credentials") is None
+
+
+def test_every_read_needs_an_api_key_when_keys_are_set(sec_settings: Settings) -> None:
+    """With BACKFILL_API_KEYS set, the reads (items, models, rollouts, search) answer 401 without a key;
+    a key or the operator token (the CLI's) gets through; the probes stay open."""
+    s = sec_settings.model_copy(update={"api_keys": ["reader-key-1"]})
+    with TestClient(create_app(s)) as c:
+        assert c.app.state.runtime.wait_ready(30)  # type: ignore[attr-defined]
+        reads = [("GET", "/items/x"), ("GET", "/models"), ("GET", "/rollouts"), ("GET", "/rollouts/1")]
+        reads += [("POST", "/search")]
+        body = {"image_b64": _b64()}
+        for method, path in reads:
+            kw = {"json": body} if method == "POST" else {}
+            r = c.request(method, path, **kw)
+            assert r.status_code == 401 and r.json()["detail"]["field"] == "X-API-Key", (path, r.text)
+            for headers in ({"X-API-Key": "reader-key-1"}, {"Authorization": f"Bearer {TOKEN}"}):
+                assert c.request(method, path, headers=headers, **kw).status_code != 401, (path, headers)
+        for probe in ("/healthz", "/readyz"):
+            assert c.get(probe).status_code == 200
+
+
+def test_readiness_and_models_publish_no_internals(client: TestClient) -> None:
+    follower = client.app.state.runtime.follower  # type: ignore[attr-defined]
+    follower.last_error = "OperationalError: connection to server at 10.9.8.7 port 5432 failed: SELECT secret_col"
+    body = client.get("/readyz").json()
+    assert body["ingestion"] == "error: OperationalError"
+    assert "10.9.8.7" not in str(body) and "secret_col" not in str(body)
+    models = client.get("/models").json()
+    assert models["models"] and all("/" not in m["artifact"] for m in models["models"] + models["compat_packs"])
+    assert str(client.app.state.settings.artifacts_dir) not in str(models)  # type: ignore[attr-defined]
