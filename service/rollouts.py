@@ -36,6 +36,7 @@ from service.db.models import (
     POLICIES,
     BackfillTask,
     Embedding,
+    Item,
     ModelVersion,
     Rollout,
     utcnow,
@@ -337,6 +338,10 @@ def complete(session: Session, settings: Settings, rollout_id: int, r: redis.Red
     if c["pending"] or c["leased"]:
         session.rollback()
         return None
+    if requeue_missing(session, rollout):  # the rollout goes on: those items get their vector first
+        session.commit()
+        _publish(r, rollout)
+        return None
     now = utcnow()
     rollout.active_lock = None
     rollout.finished_at = now
@@ -358,6 +363,44 @@ def complete(session: Session, settings: Settings, rollout_id: int, r: redis.Red
     if rollout.status == "completed":
         sweep_retired_embeddings(session, settings, now=now)
     return rollout
+
+
+def requeue_missing(session: Session, rollout: Rollout) -> int:
+    """Before a rollout completes: every live item must have a target vector. An item written while the
+    rollout started (its writer read the layout before the rollout existed, the plan scanned before the item
+    committed) has neither a vector nor a task; a done task without a vector belongs to an item deleted and
+    revived meanwhile. Give each a pending task, ahead of everything else; returns how many. Items whose task
+    failed are left to end the rollout `failed`."""
+    has_target = sa.exists().where(Embedding.item_id == Item.id, Embedding.model_version == rollout.to_version)
+    task_state = (
+        sa.select(BackfillTask.state)
+        .where(BackfillTask.rollout_id == rollout.id, BackfillTask.item_id == Item.id)
+        .scalar_subquery()
+    )
+    rows = session.execute(sa.select(Item.id, task_state).where(Item.deleted_at.is_(None), ~has_target)).tuples()
+    pairs: list[tuple[int, str | None]] = [(int(i), state) for i, state in rows]
+    done = [i for i, state in pairs if state == "done"]
+    fresh = [i for i, state in pairs if state is None]
+    if not done and not fresh:
+        return 0
+    top = session.scalar(sa.select(sa.func.max(BackfillTask.priority)).where(BackfillTask.rollout_id == rollout.id))
+    priority, now = float(top or 0.0) + 1.0, utcnow()
+    if done:
+        session.execute(
+            sa.update(BackfillTask)
+            .where(BackfillTask.rollout_id == rollout.id, BackfillTask.item_id.in_(done))
+            .values(state="pending", attempts=0, priority=priority, done_at=None, updated_at=now)
+        )
+    session.add_all(
+        BackfillTask(rollout_id=rollout.id, item_id=i, priority=priority, state="pending", attempts=0) for i in fresh
+    )
+    log.warning(
+        "rollout %s: %d live item(s) without a %s vector at completion: re-queued",
+        rollout.id,
+        len(done) + len(fresh),
+        rollout.to_version,
+    )
+    return len(done) + len(fresh)
 
 
 def sweep_retired_embeddings(session: Session, settings: Settings, now: dt.datetime | None = None) -> int:

@@ -141,7 +141,11 @@ def _finish_or_wait(ctx: WorkerContext, rollout_id: int) -> str | None:
         counts = domain.task_counts(s, rollout_id)
         if counts["pending"] == 0 and counts["leased"] == 0:
             finished = domain.complete(s, ctx.settings, rollout_id, r=ctx.redis)
-            return finished.status if finished is not None else "finished-elsewhere"
+            if finished is not None:
+                return finished.status
+            if queries.rollout_status(s, rollout_id) != "running":
+                return "finished-elsewhere"
+            return None  # items without a target vector were re-queued: claim them
         next_expiry = s.scalar(
             sa.select(sa.func.min(BackfillTask.lease_expires_at)).where(
                 BackfillTask.rollout_id == rollout_id, BackfillTask.state == "leased"

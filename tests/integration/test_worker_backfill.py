@@ -360,3 +360,21 @@ def test_the_sweep_spares_a_retired_model_that_a_running_rollout_goes_back_to(
     env.session.commit()
     assert domain.sweep_retired_embeddings(env.session, env.settings, now=later) == 10
     env.session.close()
+
+
+def test_an_item_written_across_the_rollout_start_still_gets_its_vector(env: Env) -> None:
+    """The race of POST /items against the plan: a writer that read the layout before the rollout existed
+    stores only the old vector, and the plan scanned before it committed, so it has no task. Completion
+    re-checks every live item for a target vector and backfills the stragglers before switching models."""
+    rid = start(env, batch_size=32)
+    late = Item(external_id="late-writer", payload=env.session.get(Item, env.items[0]).payload)  # type: ignore[union-attr]
+    env.session.add(late)
+    env.session.flush()
+    v1 = env.session.scalars(sa.select(Embedding).where(Embedding.item_id == env.items[0])).one()
+    env.session.add(Embedding(item_id=late.id, model_version="v1", vector=v1.vector))
+    env.session.commit()
+    assert driver.drive(env.ctx, rid).outcome == "completed"
+    embedded = set(env.session.scalars(sa.select(Embedding.item_id).where(Embedding.model_version == "v2")))
+    assert embedded == {*env.items, late.id}
+    task = env.session.scalars(sa.select(BackfillTask).where(BackfillTask.item_id == late.id)).one()
+    assert task.state == "done"
