@@ -15,12 +15,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from devtools.fakes import embedding_counts, make_tiny_artifacts, seed_gallery
-from models.artifacts import load_compat
+from devtools.fakes import embedding_counts, gallery_images, make_tiny_artifacts, seed_gallery
+from models.artifacts import Encoder, load_compat, load_encoder
+from models.preprocess import encode_png
 from service import rollouts as domain
 from service.config import Settings
 from service.db import BackfillTask, Embedding, Item, ModelVersion, make_engine, make_sessionmaker
 from service.db.models import Rollout, utcnow
+from service.gallery import NewItem, add_items
 from service.redis_conn import make_redis
 from worker import backfill, context, driver, plan
 from worker.main import build_worker
@@ -378,3 +380,56 @@ def test_an_item_written_across_the_rollout_start_still_gets_its_vector(env: Env
     assert embedded == {*env.items, late.id}
     task = env.session.scalars(sa.select(BackfillTask).where(BackfillTask.item_id == late.id)).one()
     assert task.state == "done"
+
+
+class Encoders:
+    """The EncoderSource that POST /items uses, over the test artifacts."""
+
+    def __init__(self, artifacts: dict[str, Path]) -> None:
+        self.cache = {name: load_encoder(artifacts[name]) for name in ("v1", "v2")}
+
+    def encoder(self, name: str) -> Encoder:
+        return self.cache[name]
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_items_written_concurrently_across_a_whole_rollout_all_get_their_vector(
+    settings: Settings, artifacts: dict[str, Path], run: int
+) -> None:
+    """Writers add items through the gallery (as POST /items does) from several threads before, during and
+    after the rollout's start, its backfill and its completion, on real Postgres. Afterwards every live item
+    has a v2 vector, whatever the interleaving."""
+    env = make_env(settings, artifacts, 40, lease_seconds=5.0)
+    encoders, images = Encoders(artifacts), gallery_images(16, seed=run)
+    payloads = [encode_png(img) for img in images]
+    stop, errors, written = threading.Event(), [], []
+
+    def writer(w: int) -> None:
+        k = 0
+        with env.ctx.sessionmaker() as s:
+            while not stop.is_set() and k < 200:
+                batch = [NewItem(f"w{w}-{k + j}", payloads[(k + j) % 16], images[(k + j) % 16]) for j in range(3)]
+                try:
+                    add_items(s, encoders, batch)
+                    written.extend(it.external_id for it in batch)
+                except Exception as e:  # a real failure, reported below
+                    errors.append(repr(e))
+                k += 3
+                time.sleep(0.002)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    rid = start(env, batch_size=16)
+    outcome = driver.drive(env.ctx, rid).outcome
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:3]
+    assert outcome == "completed" and model_status(env)["v2"] == "serving"
+    env.session.expire_all()
+    live = set(env.session.scalars(sa.select(Item.id).where(Item.deleted_at.is_(None))))
+    with_v2 = set(env.session.scalars(sa.select(Embedding.item_id).where(Embedding.model_version == "v2")))
+    assert len(live) == 40 + len(written) and live <= with_v2, sorted(live - with_v2)[:5]
+    env.session.close()
