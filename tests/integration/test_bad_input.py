@@ -122,18 +122,16 @@ def _gif() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def client(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    """One app for the whole module (the cases only read): empty tables, tiny artifacts, Redis db 15."""
+def client(pg_url: str, redis_session_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """One app for the whole module (the cases only read): empty tables, tiny artifacts, an empty Redis db."""
     import redis as redis_lib
 
-    from tests.conftest import TEST_REDIS_URL
-
     truncate_all(pg_url)
-    redis_lib.Redis.from_url(TEST_REDIS_URL).flushdb()
+    redis_lib.Redis.from_url(redis_session_url).flushdb()
     tmp: Path = tmp_path_factory.mktemp("bad-input")
     s = Settings(
         database_url=pg_url,
-        redis_url=TEST_REDIS_URL,
+        redis_url=redis_session_url,
         data_dir=tmp / "data",
         artifacts_dir=make_artifacts(tmp / "artifacts"),
         ingest_poll_seconds=0.05,
