@@ -37,7 +37,7 @@ _CONTROL = error_responses(400, 401, 404, 409, 413, 422, 503)
 
 def _view(session: Session, rollout: Rollout) -> RolloutOut:
     view = domain.rollout_view(session, rollout)
-    if rollout.active_lock == 1 or rollout.status in ("completed", "aborted", "failed"):
+    if rollout.active_lock == 1:  # the gauges describe the active rollout; the runtime refreshes the rest
         domain.export_progress(view)
     return RolloutOut.of(view)
 

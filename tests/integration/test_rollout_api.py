@@ -240,3 +240,26 @@ def test_unique_index_is_the_last_line_of_defence(s: Settings, db: sa.orm.sessio
     finally:
         a.close()
         b.close()
+
+
+def test_viewing_an_ended_rollout_leaves_the_active_rollouts_gauges(
+    client: TestClient, db: sa.orm.sessionmaker[Session]
+) -> None:
+    """GET /rollouts lists every rollout; only the active one may set the rollout gauges."""
+    from service import metrics
+    from service.db.models import BackfillTask, Item, Rollout
+
+    with db() as session:
+        old = Rollout(from_version="v1", to_version="v2", mode="reverse", policy="fifo", status="aborted", batch_size=7)
+        session.add(old)
+        session.flush()
+        items = session.scalars(sa.select(Item.id).limit(5)).all()
+        session.add_all(BackfillTask(rollout_id=old.id, item_id=i, priority=0.0, state="done") for i in items)
+        session.commit()
+    active = client.post("/upgrade", json={"to": "v2", "policy": "fifo"}, headers=AUTH).json()
+    client.get(f"/rollouts/{active['id']}")
+    total = metrics.ROLLOUT_TOTAL._value.get()  # type: ignore[attr-defined]
+    assert total == active["total"] != 5
+    assert [r["id"] for r in client.get("/rollouts").json()["rollouts"]][-1] == old.id  # the ended one comes last
+    client.get(f"/rollouts/{old.id}")
+    assert metrics.ROLLOUT_TOTAL._value.get() == total  # type: ignore[attr-defined]
