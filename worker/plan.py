@@ -69,23 +69,31 @@ def plan_rollout(rollout_id: int) -> dict[str, Any]:
             s.scalars(sa.select(Item.id).where(Item.deleted_at.is_(None)).order_by(Item.id)).all(),
             dtype=np.int64,
         )
-        already = set(
-            s.scalars(sa.select(Embedding.item_id).where(Embedding.model_version == rollout.to_version)).all()
+        already = np.array(
+            s.scalars(sa.select(Embedding.item_id).where(Embedding.model_version == rollout.to_version)).all(),
+            dtype=np.int64,
         )
         priorities = compute_priorities(s, ctx, rollout, item_ids) if len(item_ids) else np.zeros(0)
-        rows = [
-            {
-                "rollout_id": rollout_id,
-                "item_id": int(i),
-                "priority": float(p),
-                # Items that already have a target vector (added during the rollout) need no pass.
-                "state": "done" if int(i) in already else "pending",
-                "attempts": 0,
-            }
-            for i, p in zip(item_ids, priorities, strict=True)
-        ]
-        for k in range(0, len(rows), INSERT_CHUNK):
-            s.execute(ctx.insert(BackfillTask).values(rows[k : k + INSERT_CHUNK]).on_conflict_do_nothing())
+        # Items that already have a target vector (added during the rollout) need no pass.
+        done = np.isin(item_ids, already)
+        # Rows are built one chunk at a time: the whole plan is three arrays of 8 bytes an item, not a dict each.
+        for k in range(0, len(item_ids), INSERT_CHUNK):
+            rows = [
+                {
+                    "rollout_id": rollout_id,
+                    "item_id": int(i),
+                    "priority": float(p),
+                    "state": "done" if d else "pending",
+                    "attempts": 0,
+                }
+                for i, p, d in zip(
+                    item_ids[k : k + INSERT_CHUNK],
+                    priorities[k : k + INSERT_CHUNK],
+                    done[k : k + INSERT_CHUNK],
+                    strict=True,
+                )
+            ]
+            s.execute(ctx.insert(BackfillTask).values(rows).on_conflict_do_nothing())
         now = utcnow()
         s.execute(
             sa.update(Rollout)
@@ -101,11 +109,11 @@ def plan_rollout(rollout_id: int) -> dict[str, Any]:
         log.info(
             "planned rollout %s: %d tasks (%s) in %.2fs",
             rollout_id,
-            len(rows),
+            len(item_ids),
             rollout.policy,
             time.perf_counter() - t0,
         )
         events.publish(ctx.redis, events.ROLLOUT, rollout_id=rollout_id, status=rollout.status)
         if rollout.status == "running":
             domain.enqueue_drivers(ctx.redis, ctx.settings, rollout_id)
-        return {"rollout_id": rollout_id, "planned": len(rows)}
+        return {"rollout_id": rollout_id, "planned": len(item_ids)}
