@@ -77,7 +77,28 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
 _HTTP_FIELDS = {400: "body", 404: "path", 405: "method"}
 
 
-async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers at this path. Starlette's 405 names only the methods of
+    the first route whose path matched (`Allow: GET` on /items/{id}, though DELETE is served there too)."""
+    methods: set[str] = set()
+
+    def walk(routes: list[Any], path: str) -> None:
+        for route in routes:
+            inner = getattr(route, "original_router", None)  # an included router, kept whole
+            if inner is not None:
+                prefix = getattr(getattr(route, "include_context", None), "prefix", "") or ""
+                if path.startswith(prefix):
+                    walk(inner.routes, path[len(prefix) :])
+                continue
+            regex = getattr(route, "path_regex", None)
+            if regex is not None and regex.match(path):
+                methods.update(getattr(route, "methods", None) or ())
+
+    walk(request.app.routes, request.url.path)
+    return sorted(methods)
+
+
+async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     """Starlette/FastAPI HTTPExceptions in the same `{"detail": {"field", "problem"}}` shape: e.g. a body
     that is not UTF-8 JSON ("There was an error parsing the body", 400) or an unknown route."""
     assert isinstance(exc, StarletteHTTPException)
@@ -86,7 +107,10 @@ async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
         content = error_json(str(detail["field"]), str(detail["problem"]))
     else:
         content = error_json(_HTTP_FIELDS.get(exc.status_code, "request"), str(detail))
-    return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and (methods := allowed_methods(request)):
+        headers["Allow"] = ", ".join(methods)
+    return JSONResponse(status_code=exc.status_code, content=content, headers=headers or None)
 
 
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:

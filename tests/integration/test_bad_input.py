@@ -238,3 +238,13 @@ def test_ids_and_labels_out_of_bounds_are_422(client: TestClient, item: dict[str
 def test_a_nul_byte_in_an_item_path_is_422(client: TestClient) -> None:
     assert client.get("/items/a%00b").status_code == 422
     assert client.delete("/items/a%00b", headers=AUTH).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "served"),
+    [("/items/x", {"GET", "DELETE"}), ("/rollouts/1", {"GET", "PATCH"}), ("/items", {"POST"})],
+)
+def test_a_405_names_every_method_the_path_serves(client: TestClient, path: str, served: set[str]) -> None:
+    r = client.request("PUT", path, headers=AUTH)
+    assert r.status_code == 405 and r.json()["detail"]["field"] == "method"
+    assert served <= {m.strip() for m in r.headers["allow"].split(",")}, r.headers["allow"]
