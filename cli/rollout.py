@@ -18,6 +18,9 @@ import typer
 
 from service.config import get_settings
 
+# Exit codes: 0 ok (and a watched rollout completed), 1 the API refused the request, 2 usage or connection,
+# 3 a watched rollout ended failed, 4 a watched rollout was aborted: scripts can tell them apart.
+EXIT_FAILED, EXIT_ABORTED = 3, 4
 API_URL = typer.Option("http://127.0.0.1:8000", "--api-url", envvar="BACKFILL_API_URL", help="API base URL.")
 TERMINAL = {"completed", "aborted", "failed"}
 
@@ -25,8 +28,11 @@ rollout_app = typer.Typer(help="Control a rollout: pause, resume, abort, throttl
 
 
 def _client(api_url: str) -> httpx.Client:
+    # An empty token sends no header: reads still work, and a write gets the API's own 401 that names the
+    # token, instead of an "Illegal header value" from the HTTP library.
     token = get_settings().operator_token.get_secret_value()
-    return httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
+    headers = {"Authorization": f"Bearer {token}"} if token.strip() else {}
+    return httpx.Client(base_url=api_url, headers=headers, timeout=30.0)
 
 
 def _call(api_url: str, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -77,6 +83,16 @@ def watch(api_url: str, rollout_id: int, interval: float = 1.0) -> dict[str, Any
     return r
 
 
+def _exit_for(r: dict[str, Any]) -> None:
+    """After --watch: a rollout that ended failed or aborted is not a success."""
+    if r["status"] == "failed":
+        typer.echo(f"rollout {r['id']} failed: {r.get('error') or 'see GET /rollouts/' + str(r['id'])}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    if r["status"] == "aborted":
+        typer.echo(f"rollout {r['id']} was aborted; {r['from']} keeps serving", err=True)
+        raise typer.Exit(EXIT_ABORTED)
+
+
 def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
     name: Annotated[str | None, typer.Option(help="RQ worker name.")] = None,
@@ -104,7 +120,7 @@ def upgrade(
     follow: Annotated[bool, typer.Option("--watch", help="Follow progress until the end.")] = False,
     api_url: str = API_URL,
 ) -> None:
-    """Start a rollout (POST /upgrade)."""
+    """Start a rollout (POST /upgrade). With --watch: exit 3 if it ends failed, 4 if it is aborted."""
     body: dict[str, Any] = {"to": to, "mode": mode, "policy": policy}
     if batch_size is not None:
         body["batch_size"] = batch_size
@@ -113,7 +129,9 @@ def upgrade(
     r = _call(api_url, "POST", "/upgrade", body)
     typer.echo(_summary(r))
     if follow:
-        typer.echo(_summary(watch(api_url, r["id"])))
+        final = watch(api_url, r["id"])
+        typer.echo(_summary(final))
+        _exit_for(final)
 
 
 def status(
@@ -123,7 +141,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the rollout JSON.")] = False,
     api_url: str = API_URL,
 ) -> None:
-    """Show a rollout's progress (GET /rollouts)."""
+    """Show a rollout's progress (GET /rollouts). With --watch: exit 3 if it ends failed, 4 if aborted."""
     if rollout_id is None:
         rollouts = _call(api_url, "GET", "/rollouts")["rollouts"]
         if not rollouts:
@@ -135,6 +153,8 @@ def status(
     if follow and r["status"] not in TERMINAL:
         r = watch(api_url, r["id"], interval)
     typer.echo(json.dumps(r, indent=2) if as_json else _summary(r))
+    if follow:
+        _exit_for(r)
 
 
 @rollout_app.command("pause")

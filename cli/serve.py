@@ -45,10 +45,22 @@ def serve(
 
 @models_app.command("register")
 def models_register(directory: Path = typer.Argument(..., exists=True, file_okay=False)) -> None:
-    """Register the encoders and compat packs found in DIRECTORY (idempotent)."""
+    """Register the encoders and compat packs found in DIRECTORY, the artifacts folder (idempotent)."""
+    from models.artifacts import discover
     from service.db import make_engine, make_sessionmaker
     from service.registry import register_artifacts
 
+    if (directory / "manifest.json").is_file():
+        typer.echo(
+            f"{directory} is one artifact (it holds manifest.json): pass the folder that contains it, "
+            f"e.g. `backfill models register {directory.parent}`",
+            err=True,
+        )
+        raise typer.Exit(2)
+    encoders, packs = discover(directory)
+    if not encoders and not packs:
+        typer.echo(f"no encoders or compat packs under {directory} (each is a folder with manifest.json)", err=True)
+        raise typer.Exit(2)
     settings = get_settings()
     if settings.is_sqlite:
         from service.db.migrate import upgrade_head

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 from pydantic import SecretStr
 from typer.testing import CliRunner
@@ -19,6 +20,7 @@ from service.api.errors import install as install_error_handlers
 from service.api.rollouts import router
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
+from service.db.models import Rollout
 from service.redis_conn import make_redis
 from worker import context, driver, plan
 
@@ -27,6 +29,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 pytestmark = pytest.mark.integration
+REAL_CLIENT = rollout_cli._client  # before any test swaps it for the in-process client
 TOKEN = "cli-test-operator-token-000"
 
 
@@ -81,3 +84,43 @@ def test_throttle_and_abort(api: Settings) -> None:
     assert runner.invoke(cli, ["rollout", "throttle", "1", "fast"]).exit_code == 2
     out = runner.invoke(cli, ["rollout", "abort", "1", "--purge"])
     assert out.exit_code == 0 and "status=aborted" in out.output
+
+
+def test_watch_exit_codes_tell_how_the_rollout_ended(api: Settings) -> None:
+    """--watch: 0 when the rollout completed, 4 when it was aborted, 3 when it failed."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["upgrade", "--to", "v2"]).exit_code == 0
+    assert runner.invoke(cli, ["rollout", "abort", "1"]).exit_code == 0
+    out = runner.invoke(cli, ["status", "1", "--watch", "--interval", "0.1"])
+    assert out.exit_code == rollout_cli.EXIT_ABORTED == 4 and "aborted" in out.output, out.output
+
+    assert runner.invoke(cli, ["upgrade", "--to", "v2", "--policy", "fifo"]).exit_code == 0
+    maker = make_sessionmaker(make_engine(api))
+    with maker() as s:  # a rollout that ends with failed items (as after max_attempts bad payloads)
+        s.execute(sa.update(Rollout).where(Rollout.id == 2).values(status="failed", active_lock=None, error="boom"))
+        s.commit()
+    out = runner.invoke(cli, ["status", "2", "--watch", "--interval", "0.1"])
+    assert out.exit_code == rollout_cli.EXIT_FAILED == 3 and "boom" in out.output, out.output
+    out = runner.invoke(cli, ["status", "2"])  # without --watch it only reports
+    assert out.exit_code == 0
+
+
+def test_an_empty_operator_token_sends_no_header(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty BACKFILL_OPERATOR_TOKEN was "Illegal header value b'Bearer '": now reads go without it and
+    writes get the API's own 401, which names the token."""
+    for token, expected in (("", None), ("op-token-123", "Bearer op-token-123")):
+        s = settings.model_copy(update={"operator_token": SecretStr(token)})
+        monkeypatch.setattr(rollout_cli, "get_settings", lambda s=s: s)
+        with REAL_CLIENT("http://127.0.0.1:9") as client:
+            assert client.headers.get("authorization") == expected
+
+
+def test_models_register_refuses_a_single_artifact_folder(api: Settings, tmp_path: Path) -> None:
+    artifacts = make_tiny_artifacts(tmp_path / "more")
+    runner = CliRunner()
+    out = runner.invoke(cli, ["models", "register", str(artifacts["v2"])])
+    assert out.exit_code == 2 and "pass the folder that contains it" in out.output, out.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = runner.invoke(cli, ["models", "register", str(empty)])
+    assert out.exit_code == 2 and "no encoders or compat packs" in out.output, out.output
