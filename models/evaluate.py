@@ -446,7 +446,6 @@ def dense_timing(ev: Evaluator, sig: dict[str, np.ndarray], dense_points: int, p
     """One configuration (reverse / uncertainty) both ways: FAISS top-k (a fresh evaluator, so the timing
     includes its full-gallery searches) against the dense n x n matrix + full sort per query, the latter
     timed on `dense_points` points and extrapolated to the curve's 22."""
-    from tqdm import tqdm
 
     n = len(ev.labels)
     order = policy_order("uncertainty", n, sigma=sig["sigma"])
@@ -454,26 +453,38 @@ def dense_timing(ev: Evaluator, sig: dict[str, np.ndarray], dense_points: int, p
     t0 = time.monotonic()
     fc = fresh.curve(order, "reverse")
     t_faiss = time.monotonic() - t0
-    picks = np.linspace(0, N_POINTS - 1, dense_points).round().astype(int)
+    per_point, max_diff, points = time_dense_points(ev, order, fc["map"], dense_points, progress)
+    dense_curve = per_point * N_POINTS
+    return {
+        "configuration": "reverse / uncertainty",
+        "faiss_seconds_per_curve": t_faiss,
+        "points_timed": points,
+        "dense_seconds_per_point": per_point,
+        "dense_seconds_per_curve_extrapolated": dense_curve,
+        "ratio_dense_over_faiss": dense_curve / max(t_faiss, 1e-9),
+        "max_abs_map_difference": max_diff,
+    }
+
+
+def time_dense_points(
+    ev: Evaluator, order: np.ndarray, reference_map: list[float], n_points: int, progress: bool = False
+) -> tuple[float, float, int]:
+    """Time the dense n x n approach (reverse mode) on `n_points` of the 22 points, spread evenly; returns
+    (seconds per point, largest |mAP difference| against `reference_map`, points timed)."""
+    from tqdm import tqdm
+
+    n = len(ev.labels)
+    picks = np.linspace(0, N_POINTS - 1, n_points).round().astype(int)
     fr = fractions()
     t_dense, diffs = 0.0, []
     for p in tqdm(picks, desc="dense timing", unit="pt", disable=not progress):
         mask = np.zeros(n, bool)
         mask[order[: n_in_new(fr[p], n)]] = True
-        t0 = time.monotonic()
+        t0 = time.perf_counter()
         dm, _ = dense_point(ev, mask, "reverse")
-        t_dense += time.monotonic() - t0
-        diffs.append(abs(dm - fc["map"][p]))
-    dense_curve = t_dense / len(picks) * N_POINTS
-    return {
-        "configuration": "reverse / uncertainty",
-        "faiss_seconds_per_curve": t_faiss,
-        "points_timed": len(picks),
-        "dense_seconds_per_point": t_dense / len(picks),
-        "dense_seconds_per_curve_extrapolated": dense_curve,
-        "ratio_dense_over_faiss": dense_curve / max(t_faiss, 1e-9),
-        "max_abs_map_difference": float(max(diffs)),
-    }
+        t_dense += time.perf_counter() - t0
+        diffs.append(abs(dm - reference_map[p]))
+    return t_dense / len(picks), float(max(diffs)), len(picks)
 
 
 def table(result: dict[str, Any]) -> str:
