@@ -21,6 +21,7 @@ without a time limit, so no row is ever skipped and no scan stops early.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,23 +40,21 @@ class Horizon(Protocol):
 
     settle_seconds: float  # how old a gap must be before it takes a token
 
-    def token(self, session: Session) -> int | None:
-        """A mark of the transactions started so far (None: the database needs no token)."""
+    def token(self, session: Session) -> int:
+        """A mark of the transactions started so far."""
 
-    def settled(self, session: Session, token: int | None) -> bool:
-        """Have all transactions started before `token` ended?"""
+    def floor(self, session: Session) -> float:
+        """Every transaction whose mark is below this has ended."""
 
 
 class PostgresHorizon:
     settle_seconds = SETTLE_SECONDS
 
-    def token(self, session: Session) -> int | None:
+    def token(self, session: Session) -> int:
         return int(session.scalar(sa.text("SELECT txid_snapshot_xmax(txid_current_snapshot())")))
 
-    def settled(self, session: Session, token: int | None) -> bool:
-        if token is None:
-            return False
-        return int(session.scalar(sa.text("SELECT txid_snapshot_xmin(txid_current_snapshot())"))) >= token
+    def floor(self, session: Session) -> float:
+        return int(session.scalar(sa.text("SELECT txid_snapshot_xmin(txid_current_snapshot())")))
 
 
 class SerialHorizon:
@@ -63,11 +62,11 @@ class SerialHorizon:
 
     settle_seconds = 0.0
 
-    def token(self, session: Session) -> int | None:
-        return None
+    def token(self, session: Session) -> int:
+        return 0
 
-    def settled(self, session: Session, token: int | None) -> bool:
-        return True
+    def floor(self, session: Session) -> float:
+        return math.inf
 
 
 def horizon_for(session: Session) -> Horizon:
@@ -81,8 +80,7 @@ class Gap:
     lo: int
     hi: int
     opened: float
-    token: int | None = None
-    tokened: bool = False  # a token has been taken (it may be None for a serial horizon)
+    token: int | None = None  # taken `settle_seconds` after the gap opened
 
 
 @dataclass
@@ -119,7 +117,7 @@ class Cursor:
             return
         g = self.gaps[i]
         halves = ((g.lo, seq - 1), (seq + 1, g.hi))
-        pieces = [Gap(lo, hi, g.opened, g.token, g.tokened) for lo, hi in halves if lo <= hi]
+        pieces = [Gap(lo, hi, g.opened, g.token) for lo, hi in halves if lo <= hi]
         self.gaps[i : i + 1] = pieces
 
     def after_watermark(self) -> Any:
@@ -139,14 +137,13 @@ class Cursor:
         now = time.monotonic() if now is None else now
         if not self.gaps:
             return 0
-        needs_token = [g for g in self.gaps if not g.tokened and now - g.opened >= horizon.settle_seconds]
+        needs_token = [g for g in self.gaps if g.token is None and now - g.opened >= horizon.settle_seconds]
         if needs_token:
             token = horizon.token(session)
             for g in needs_token:
-                g.token, g.tokened = token, True
-        tokens = {g.token for g in self.gaps if g.tokened}
-        settled = {t for t in tokens if horizon.settled(session, t)}
-        keep = [g for g in self.gaps if not (g.tokened and g.token in settled)]
-        dropped = sum(g.hi - g.lo + 1 for g in self.gaps) - sum(g.hi - g.lo + 1 for g in keep)
+                g.token = token
+        floor = horizon.floor(session)
+        keep = [g for g in self.gaps if g.token is None or g.token > floor]
+        dropped = len(self) - sum(g.hi - g.lo + 1 for g in keep)
         self.gaps = keep
         return dropped

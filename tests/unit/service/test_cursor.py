@@ -19,11 +19,11 @@ class FakeHorizon:
         self.next_xid = 1
         self.running: set[int] = set()
 
-    def token(self, session: Any) -> int | None:
+    def token(self, session: Any) -> int:
         return self.next_xid
 
-    def settled(self, session: Any, token: int | None) -> bool:
-        return token is not None and min(self.running, default=self.next_xid) >= token
+    def floor(self, session: Any) -> float:
+        return min(self.running, default=self.next_xid)
 
 
 def test_gaps_open_close_and_split() -> None:
