@@ -22,8 +22,8 @@ MAX_ITEMS_PER_CALL = 1000
 
 
 def iso(t: dt.datetime) -> str:
-    """ISO 8601 with the UTC offset; SQLite hands back naive datetimes, all of them stored in UTC."""
-    return (t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)).isoformat()
+    """ISO 8601 with the UTC offset ("+00:00"): the UTCDateTime column type hands back aware datetimes."""
+    return t.isoformat()
 
 
 Timestamp = Annotated[

@@ -3,6 +3,7 @@ concurrent creates), operator token, control endpoints, JSON shape."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import warnings
 from collections.abc import Iterator
@@ -107,6 +108,8 @@ def test_upgrade_returns_202_and_enqueues_the_plan(client: TestClient, s: Settin
     assert set(body) == ROLLOUT_KEYS
     assert body["from"] == "v1" and body["to"] == "v2" and body["mode"] == "forward" and body["policy"] == "fifo"
     assert body["status"] == "planning" and body["batch_size"] == 7 and body["total"] == 0
+    created = dt.datetime.fromisoformat(body["created_at"])  # a UTC timestamp with its offset
+    assert created.utcoffset() == dt.timedelta(0) and body["created_at"].endswith("+00:00")
     assert _queued_ids(s) == [domain.plan_job_id(body["id"])]
     msgs = [pubsub.get_message(timeout=1.0) for _ in range(2)]
     assert any(m and m["type"] == "message" and b'"rollout"' in m["data"] for m in msgs)
