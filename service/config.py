@@ -40,7 +40,9 @@ class Settings(BaseSettings):
         description="Bearer token for mutating endpoints; required (>= 16 chars) in production.",
     )
     api_keys: list[str] = Field(
-        default_factory=list, description="Optional API keys (X-API-Key) for every read: search, items, models, rollouts; the operator token also passes; empty = open."
+        default_factory=list,
+        description="Optional API keys (X-API-Key) for every read: search, items, models, rollouts; "
+        "the operator token also passes; empty = open.",
     )
     artifacts_dir: Path = Field(REPO_ROOT / "artifacts", description="Model and compat-pack artifacts.")
     default_model: str = Field("v1", description="Serving model of an empty database.")
