@@ -164,11 +164,31 @@ def test_rollout_layout_old_new_and_completion(client: TestClient, api_settings:
     got = [h["id"] for h in r["results"]]
     assert sorted(got) == sorted(ids)  # every item exactly once across both sides
     assert r["results"][0] == {"id": ids[3], "distance": pytest.approx(0.0, abs=1e-5), "source": "new"}
-    # A new item during the rollout is embedded with both models and lands in NEW at once.
-    new_id = add(client, images(1, seed=9), prefix="during")[0]
-    assert client.get(f"/items/{new_id}").json() | {} == client.get(f"/items/{new_id}").json()
-    assert client.get(f"/items/{new_id}").json()["embeddings"] == ["v1", "v2"]
-    assert client.get(f"/items/{new_id}").json()["side"] == "new"
+    # A new item during the rollout is embedded with both models and lands in NEW at once. Each claim is
+    # checked against something computed apart from GET /items: the request that was sent, the rows in
+    # the database, the encoders run here, and what a search finds.
+    during = images(1, seed=9)
+    new_id = add(client, during, prefix="during")[0]
+    item = client.get(f"/items/{new_id}").json()
+    assert item["id"] == new_id and item["label"] == 0  # add() labels the n-th item n % 3
+    assert item["payload_bytes"] == len(encode_png(during[0]))
+    assert item["embeddings"] == ["v1", "v2"] and item["side"] == "new"
+    with eng.connect() as c:
+        rows = dict(
+            c.execute(
+                sa.select(Embedding.model_version, Embedding.vector)
+                .join(Item, Item.id == Embedding.item_id)
+                .where(Item.external_id == new_id)
+            )
+            .tuples()
+            .all()
+        )
+    assert sorted(rows) == item["embeddings"]
+    for name, vec in rows.items():
+        want = runtime.encoder(name).embed(during)[0]
+        np.testing.assert_allclose(np.frombuffer(vec, "<f4"), want, rtol=1e-5, atol=1e-6, err_msg=name)
+    r = client.post("/search", json={"image_b64": b64(during[0]), "k": 3}).json()
+    assert r["results"][0] == {"id": new_id, "distance": pytest.approx(0.0, abs=1e-5), "source": "new"}
     # Completion (the worker's transaction): v2 serving, one index of v2 vectors.
     with eng.begin() as c:
         rest = runtime.encoder("v2").embed(imgs[20:])

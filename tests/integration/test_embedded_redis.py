@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from rq.job import Job
 
 from service.config import Settings
 from service.redis_conn import embedded_redis_url, make_redis
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +49,12 @@ def test_rq_job_runs_in_another_process(tmp_path: Path, monkeypatch: pytest.Monk
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    deadline = time.time() + 10
     job = Job.fetch(job.id, connection=r)
-    while job.get_status() != "finished" and time.time() < deadline:
-        time.sleep(0.1)
+
+    def finished() -> bool:
         job.refresh()
-    assert job.get_status() == "finished"
+        return job.get_status() == "finished"
+
+    wait_until(finished, timeout=10, interval=0.1, message=lambda: f"job status {job.get_status()}")
     # the job ran in the worker's process, not ours
     assert isinstance(job.return_value(), int) and job.return_value() != os.getpid()

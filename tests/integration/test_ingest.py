@@ -5,8 +5,8 @@ under concurrent searches."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,10 @@ from service.cursor import PostgresHorizon
 from service.db import make_engine, make_sessionmaker
 from service.db.migrate import upgrade_head
 from service.db.models import Embedding, Item, ModelVersion, Rollout
-from service.index import IndexManager
+from service.index import IndexManager, IndexSet
 from service.ingest import Follower
 from service.redis_conn import make_redis
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +152,10 @@ def live_embeddings(sm: sessionmaker[Session]) -> set[int]:
         return {int(i) for i in s.scalars(q)}
 
 
+def _holds_in_new(ix: IndexSet, n: int) -> bool:
+    return ix.sides()["new"] >= n
+
+
 def indexed(manager: IndexManager) -> set[int]:
     ix = manager.current
     assert ix is not None and ix.new is not None
@@ -258,10 +263,10 @@ def test_every_live_item_found_exactly_once_during_ingestion(sm: sessionmaker[Se
                 )
                 s.commit()
             events.publish(r, events.EMBEDDINGS)
-            time.sleep(0.01)
-        deadline = time.monotonic() + 10
-        while ix.sides()["new"] < n and time.monotonic() < deadline:
-            time.sleep(0.02)
+            # Each batch is moved while the readers search (the follower, woken by the event, catches up
+            # before the next batch is written), instead of a fixed pause that may or may not be enough.
+            moved = min(b + 40, n)
+            wait_until(partial(_holds_in_new, ix, moved), timeout=10, message=lambda: str(ix.sides()))
         stop.set()
         for t in threads:
             t.join()

@@ -3,11 +3,13 @@ abort, failures, deleted items. Tiny random models and digits-sized images keep 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from service.db import BackfillTask, Embedding, Item, ModelVersion, make_engine,
 from service.db.models import Rollout, utcnow
 from service.gallery import NewItem, add_items
 from service.redis_conn import make_redis
+from tests.helpers import stays_true, wait_until
 from worker import backfill, context, driver, plan
 from worker.main import build_worker
 
@@ -184,25 +187,30 @@ def _done(env: Env, rid: int) -> int:
         return domain.task_counts(s, rid)["done"]
 
 
-def _wait_for(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+def _healthy_worker(env: Env) -> context.WorkerContext:
+    """`env`'s context with a lease no batch outlives, however loaded the machine: the short lease of the
+    tests below is for the claims that play a dead worker, not for the driver that must finish the work."""
+    return dataclasses.replace(env.ctx, settings=env.settings.model_copy(update={"lease_seconds": 60.0}))
+
+
+def _leases_expired(env: Env, task_ids: Iterable[int]) -> bool:
+    """Every lease of `task_ids` has run out by the clock that `backfill.claim` reads (utcnow)."""
+    with env.ctx.sessionmaker() as s:
+        ends = s.scalars(sa.select(BackfillTask.lease_expires_at).where(BackfillTask.id.in_(list(task_ids)))).all()
+    now = utcnow()
+    return bool(ends) and all(e is not None and e < now for e in ends)
 
 
 def test_pause_stops_progress_and_resume_continues(env: Env) -> None:
     rid = start(env, batch_size=5, max_items_per_second=60)
     t, out = _run_in_thread(env, rid)
-    _wait_for(lambda: _done(env, rid) >= 10)
+    wait_until(lambda: _done(env, rid) >= 10)
     domain.pause(env.session, rid)
     t.join(timeout=10)
     assert not t.is_alive() and out[0].outcome == "paused"
     frozen = _done(env, rid)
     assert frozen < len(env.items)
-    time.sleep(0.5)
-    assert _done(env, rid) == frozen
+    stays_true(lambda: _done(env, rid) == frozen, 0.5)  # nothing moves while paused
     assert driver.drive(env.ctx, rid).outcome == "paused"  # a driver started while paused does nothing
     assert _done(env, rid) == frozen
 
@@ -300,8 +308,9 @@ def test_expired_lease_is_reclaimed_and_late_commit_is_dropped(settings: Setting
     rollout = domain.get_rollout(env.session, rid)
     with env.ctx.sessionmaker() as s:
         stale = backfill.claim(s, env.ctx, rid, 10)  # a worker that then stalls
-    time.sleep(0.4)
-    summary = driver.drive(env.ctx, rid)  # reclaims the expired lease and finishes everything
+    assert len(stale.tasks) == 10
+    wait_until(lambda: _leases_expired(env, stale.tasks), timeout=10)  # the stalled worker's lease runs out
+    summary = driver.drive(_healthy_worker(env), rid)  # reclaims the expired lease and finishes everything
     assert summary.outcome == "completed" and set(summary.embedded) == set(env.items)
     vectors = {iid: np.ones(24, np.float32) for iid in stale.tasks.values()}
     with env.ctx.sessionmaker() as s:
@@ -321,12 +330,13 @@ def test_a_task_that_kills_its_worker_every_time_ends_failed(settings: Settings,
         with env.ctx.sessionmaker() as s:
             claimed = backfill.claim(s, env.ctx, rid, 1)  # the worker takes the poison task, then dies
         killed |= set(claimed.tasks)
-        time.sleep(0.3)
+        wait_until(partial(_leases_expired, env, claimed.tasks), timeout=10)  # and its lease runs out
     assert len(killed) == 1
     with env.ctx.sessionmaker() as s:
-        assert backfill.claim(s, env.ctx, rid, 1).tasks.keys() != killed  # not handed to another victim
-    time.sleep(0.3)
-    summary = driver.drive(env.ctx, rid)
+        other = backfill.claim(s, env.ctx, rid, 1).tasks
+    assert len(other) == 1 and not set(other) & killed  # not handed to another victim
+    wait_until(lambda: _leases_expired(env, other), timeout=10)  # that claimer dies too: drive reclaims it
+    summary = driver.drive(_healthy_worker(env), rid)
     assert summary.outcome == "failed" and status(env, rid) == "failed"
     env.session.expire_all()
     task = env.session.get(BackfillTask, killed.pop())
@@ -415,12 +425,12 @@ def test_items_written_concurrently_across_a_whole_rollout_all_get_their_vector(
                 except Exception as e:  # a real failure, reported below
                     errors.append(repr(e))
                 k += 3
-                time.sleep(0.002)
+                time.sleep(0.002)  # pacing (lets the driver in between batches), not a wait for anything
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.05)
+    wait_until(lambda: len(written) >= 3, timeout=10)  # items written before the rollout exists
     rid = start(env, batch_size=16)
     outcome = driver.drive(env.ctx, rid).outcome
     stop.set()

@@ -7,16 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from devtools.fakes import embedding_counts, make_tiny_artifacts, seed_gallery
 from service import rollouts as domain
 from service.config import REPO_ROOT, Settings
 from service.db import BackfillTask, make_engine, make_sessionmaker
+from tests.helpers import wait_until
 from worker import context, plan
 
 pytestmark = pytest.mark.integration
@@ -56,48 +57,37 @@ def test_sigkilled_worker_loses_nothing(settings: Settings, tmp_path: Path) -> N
     victim = _spawn(s, "victim")
     survivor = None
     try:
-        in_flight: list[int] = []
-        deadline = time.monotonic() + 60
-        while not in_flight:
-            assert time.monotonic() < deadline, "victim never held a lease"
+
+        def victims_leases(q: Session) -> list[int]:
+            held = sa.select(BackfillTask.id).where(
+                BackfillTask.rollout_id == rollout.id,
+                BackfillTask.state == "leased",
+                BackfillTask.leased_by.like(f"%:{victim.pid}:%"),
+            )
+            return list(q.scalars(held))
+
+        def victim_mid_batch() -> list[int]:
+            """The victim's leased tasks, once it has done 20 (empty before: keep polling)."""
             assert victim.poll() is None, victim.stderr.read().decode() if victim.stderr else ""
             with ctx.sessionmaker() as q:
-                done = domain.task_counts(q, rollout.id)["done"]
-                if done >= 20:
-                    in_flight = list(
-                        q.scalars(
-                            sa.select(BackfillTask.id).where(
-                                BackfillTask.rollout_id == rollout.id,
-                                BackfillTask.state == "leased",
-                                BackfillTask.leased_by.like(f"%:{victim.pid}:%"),
-                            )
-                        )
-                    )
-            if in_flight:
-                victim.send_signal(signal.SIGKILL)
-            else:
-                time.sleep(0.005)
+                return victims_leases(q) if domain.task_counts(q, rollout.id)["done"] >= 20 else []
+
+        wait_until(victim_mid_batch, timeout=60, interval=0.005, message="victim never held a lease")
+        victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
         with ctx.sessionmaker() as q:
             c = domain.task_counts(q, rollout.id)
             # What the victim still held when it died (it may have committed a batch after our poll).
-            in_flight = list(
-                q.scalars(
-                    sa.select(BackfillTask.id).where(
-                        BackfillTask.rollout_id == rollout.id,
-                        BackfillTask.state == "leased",
-                        BackfillTask.leased_by.like(f"%:{victim.pid}:%"),
-                    )
-                )
-            )
+            in_flight = victims_leases(q)
         assert in_flight and c["leased"] >= 1 and c["done"] < len(items)
 
-        survivor = _spawn(s, "survivor")
-        deadline = time.monotonic() + 60
-        while domain.get_rollout(session, rollout.id).status != "completed":
-            assert time.monotonic() < deadline, "rollout did not complete after the kill"
-            assert survivor.poll() is None, survivor.stderr.read().decode() if survivor.stderr else ""
-            time.sleep(0.1)
+        survivor = spawned = _spawn(s, "survivor")
+
+        def completed() -> bool:
+            assert spawned.poll() is None, spawned.stderr.read().decode() if spawned.stderr else ""
+            return domain.get_rollout(session, rollout.id).status == "completed"
+
+        wait_until(completed, timeout=60, interval=0.1, message="rollout did not complete after the kill")
     finally:
         for p in (victim, survivor):
             if p is not None and p.poll() is None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,77 @@ def test_fastfill_loss_formula() -> None:
     assert abs(float(C.fastfill_loss(item, s)) - expected) < 1e-6
 
 
+def _piecewise_linear(d: np.ndarray, xs: list[float], ys: list[float]) -> np.ndarray:
+    """Reference for a calibration map, written out (no np.interp, which CompatPack.calibrate uses): the
+    segment around each distance, linear inside it, the end values outside the knots."""
+    out = []
+    for v in np.asarray(d, dtype=np.float64).ravel():
+        if v <= xs[0]:
+            out.append(ys[0])
+        elif v >= xs[-1]:
+            out.append(ys[-1])
+        else:
+            j = max(j for j in range(len(xs) - 1) if xs[j] <= v)
+            t = (v - xs[j]) / (xs[j + 1] - xs[j])
+            out.append(ys[j] + t * (ys[j + 1] - ys[j]))
+    return np.array(out)
+
+
+def _synthetic_distances(
+    p_new: Callable[[np.ndarray], np.ndarray], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbour distances and relevance with KNOWN precision curves. OLD: distance ~ U(0.5, 1.5),
+    P(relevant | x) = 1.5 - x. NEW: distance = 0.1 + 0.5 u^2 (u ~ U(0, 1), so NEW's distance quantiles are
+    not a linear image of OLD's), P(relevant | y) = p_new(y)."""
+    rng = np.random.default_rng(seed)
+    shape = (400, 100)
+    d_old = rng.uniform(0.5, 1.5, size=shape)
+    rel_old = rng.uniform(size=shape) < 1.5 - d_old
+    d_new = 0.1 + 0.5 * rng.uniform(size=shape) ** 2
+    rel_new = rng.uniform(size=shape) < p_new(d_new)
+    return d_old.astype(np.float32), rel_old, d_new.astype(np.float32), rel_new
+
+
+def test_precision_calibration_matches_the_analytic_map() -> None:
+    """NEW precision 1.2 - 2y: the OLD distance x with precision 1.5 - x must map to the y of equal precision,
+    y = (x - 0.3) / 2, solved by hand. Identity (y = x) and quantile matching (y = 0.1 + 0.5 (x - 0.5)^2 here)
+    are both at least 0.04 away on the checked range, so neither passes for the real thing."""
+    d_old, rel_old, d_new, rel_new = _synthetic_distances(lambda y: 1.2 - 2 * y)
+    knots = C.fit_calibration(d_old, rel_old, d_new, rel_new, 32)
+    x = np.linspace(0.6, 1.4, 33)
+    want = (x - 0.3) / 2
+    got = _piecewise_linear(x, knots["x"], knots["y"])
+    assert np.abs(got - want).max() < 0.03, np.c_[x, got, want]
+    assert np.abs((0.1 + 0.5 * (x - 0.5) ** 2) - want).min() > 0.04  # the test tells the candidates apart
+
+
+def test_precision_calibration_outside_the_new_sides_precision_range() -> None:
+    """NEW precision 1 - y only spans [0.4, 0.9]. OLD distances more reliable than anything on NEW (x < 0.6)
+    map to about NEW's nearest distance (0.1); less reliable than all of NEW (x > 1.1) map beyond NEW's
+    farthest (0.6); in between, equal precision: y = x - 0.5."""
+    d_old, rel_old, d_new, rel_new = _synthetic_distances(lambda y: 1.0 - y)
+    knots = C.fit_calibration(d_old, rel_old, d_new, rel_new, 32)
+
+    def cal(x: np.ndarray) -> np.ndarray:
+        return _piecewise_linear(x, knots["x"], knots["y"])
+
+    low, mid, high = np.linspace(0.5, 0.56, 7), np.linspace(0.7, 1.0, 13), np.linspace(1.2, 1.5, 13)
+    assert np.all(np.abs(cal(low) - 0.1) < 0.01), cal(low)
+    assert np.abs(cal(mid) - (mid - 0.5)).max() < 0.05, cal(mid)
+    assert np.all(cal(high) >= np.quantile(d_new, 0.97)), cal(high)
+
+
+def test_quantile_calibration_maps_old_distances_onto_new_distribution() -> None:
+    """Mapped through quantile matching, OLD's distances have NEW's distribution: the two sorted samples
+    (same size) agree value by value."""
+    d_old, _, d_new, _ = _synthetic_distances(lambda y: 1.0 - y)
+    q = C.quantile_calibration(d_old, d_new, 32)
+    mapped = np.sort(_piecewise_linear(d_old, q["x"], q["y"]))
+    assert np.abs(mapped - np.sort(d_new.ravel())).max() < 0.01
+    # ... which the raw OLD distances are far from
+    assert np.abs(np.sort(d_old.ravel()) - np.sort(d_new.ravel())).max() > 0.3
+
+
 def test_calibration_is_monotone_and_round_trips(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     d_old = rng.uniform(0.2, 1.5, size=(200, 50)).astype(np.float32)
@@ -85,10 +157,12 @@ def test_calibration_is_monotone_and_round_trips(tmp_path: Path) -> None:
         {"from": "a", "to": "b", "from_dim": 8, "to_dim": 12, "calibration": {"reverse": knots}},
     )
     pack = load_compat(tmp_path / "c")
-    d = np.linspace(0, 4, 101, dtype=np.float32)
+    d = np.linspace(0, 5, 126, dtype=np.float32)  # past the last knot (4.0) too
     out = pack.calibrate("reverse", d)
-    assert np.all(np.diff(out) >= 0)
-    np.testing.assert_allclose(out, np.interp(d, knots["x"], knots["y"]), rtol=1e-6)
+    assert out.dtype == np.float32 and np.all(np.diff(out) >= 0)
+    np.testing.assert_allclose(out, _piecewise_linear(d, knots["x"], knots["y"]), rtol=1e-5, atol=1e-6)
+    inside = d <= 4.0
+    assert not np.allclose(out[inside], d[inside], atol=0.01)  # the fitted map is not the identity here
     np.testing.assert_array_equal(pack.calibrate("forward", d), d)  # absent = identity
 
 

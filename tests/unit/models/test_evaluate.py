@@ -72,17 +72,62 @@ def test_ranked_metrics_handles_short_and_padded_lists() -> None:
     assert t == pytest.approx(np.mean([1, 0, 1, 0, 0]))
 
 
+def _merge_reference(
+    d_new: np.ndarray, i_new: np.ndarray, d_old: np.ndarray, i_old: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plain-Python merge per query: valid entries of both lists sorted by distance, NEW first on a tie (list
+    order otherwise), cut at k, padded with (inf, -1, False)."""
+    rows_d, rows_i, rows_s = [], [], []
+    for r in range(len(i_new)):
+        c = [(float(d), int(i), True) for d, i in zip(d_new[r], i_new[r], strict=True) if i >= 0]
+        c += [(float(d), int(i), False) for d, i in zip(d_old[r], i_old[r], strict=True) if i >= 0]
+        c = sorted(c, key=lambda t: (t[0], not t[2]))[:k]
+        c += [(np.inf, -1, False)] * (k - len(c))
+        rows_d.append([t[0] for t in c])
+        rows_i.append([t[1] for t in c])
+        rows_s.append([t[2] for t in c])
+    return np.array(rows_d), np.array(rows_i), np.array(rows_s)
+
+
 def test_merge_topk_by_distance_ties_to_new_and_invalid_last() -> None:
+    """A case worked out by hand: a tie (0.5) goes to NEW, and -1 slots come last."""
     d_new = np.array([[0.1, 0.5, np.inf]], np.float32)
     i_new = np.array([[3, 4, -1]])
-    d_old = np.array([[0.5, 0.2, 0.9]], np.float32)
-    i_old = np.array([[7, 8, 9]])
-    d, ids, src = E.merge_topk(d_new, i_new, np.sort(d_old), i_old[:, [1, 0, 2]], 4)
+    d_old = np.array([[0.2, 0.5, 0.9]], np.float32)
+    i_old = np.array([[8, 7, 9]])
+    d, ids, src = E.merge_topk(d_new, i_new, d_old, i_old, 4)
     assert ids.tolist() == [[3, 8, 4, 7]]
-    assert np.all(np.diff(d) >= 0)
+    np.testing.assert_allclose(d, [[0.1, 0.2, 0.5, 0.5]], rtol=1e-6)
     assert src.tolist() == [[True, False, True, False]]
-    _, ids, _ = E.merge_topk(d_new[:, :1], i_new[:, :1], d_new[:, 2:], i_new[:, 2:], 2)
-    assert ids.tolist() == [[3, -1]]
+    _, ids, src = E.merge_topk(d_new[:, :1], i_new[:, :1], d_new[:, 2:], i_new[:, 2:], 2)
+    assert ids.tolist() == [[3, -1]] and src.tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_topk_equals_reference_on_many_rows(seed: int) -> None:
+    """Many query rows at once (the harness merges all queries in one call), coarse distances so ties are
+    common, short lists whose -1 slots carry arbitrary distances: every row equals the reference."""
+    rng = np.random.default_rng(seed)
+    q, width = 9, 6
+
+    def side(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = np.sort(rng.integers(0, 5, size=(q, width)) / 4, axis=1).astype(np.float32)
+        i = np.stack([rng.choice(ids, size=width, replace=False) for _ in range(q)])
+        for r in range(q):
+            short = int(rng.integers(0, width + 1)) if rng.random() < 0.5 else 0
+            if short:  # what is left in a -1 slot must not matter
+                i[r, width - short :] = -1
+                d[r, width - short :] = rng.choice([np.inf, 0.0, 0.3], size=short)
+        return d, i
+
+    d_new, i_new = side(np.arange(50))
+    d_old, i_old = side(np.arange(50, 100))
+    for k in (1, 4, width, 2 * width):  # the harness asks for at most both widths
+        got = E.merge_topk(d_new, i_new, d_old, i_old, k)
+        want = _merge_reference(d_new, i_new, d_old, i_old, k)
+        for g, w, name in zip(got, want, ("distances", "ids", "from_new"), strict=True):
+            assert g.shape == (q, k), name
+            np.testing.assert_array_equal(g, w, err_msg=f"{name}, k={k}")
 
 
 def test_policy_orders(toy: dict[str, np.ndarray]) -> None:

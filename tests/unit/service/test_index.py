@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import numpy as np
 import pytest
 
 from service.index import IndexSet, Layout, RWLock, VectorIndex
+from tests.helpers import wait_until
 
 FACTORIES = ["Flat", "IVF4,Flat", "HNSW16"]
 
@@ -142,31 +146,116 @@ def test_every_item_found_exactly_once_while_moving() -> None:
     assert s.sides() == {"new": n, "old": 0}
 
 
-def test_rwlock_excludes_writer_from_readers() -> None:
+# RWLock. Each property is checked by something that a lock without it fails: a plain mutex fails
+# `readers_share`, a no-op write() fails `held_read_lock_keeps_the_writer_out` and the stress test, and a
+# read() that ignores waiting writers fails `waiting_writer_blocks_new_readers`. A negative ("X does not
+# get in") can only be shown over a bounded wait: GRACE seconds, long for a thread that is free to run.
+GRACE = 0.3
+
+
+def _enter_in_thread(
+    section: Callable[[], AbstractContextManager[None]], entered: threading.Event, order: list[str], name: str
+) -> threading.Thread:
+    def run() -> None:
+        with section():
+            order.append(name)
+            entered.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_rwlock_readers_share() -> None:
     lock = RWLock()
-    state = {"readers": 0, "bad": False}
+    entered, order = threading.Event(), list[str]()
+    with lock.read():
+        t = _enter_in_thread(lock.read, entered, order, "second reader")
+        assert entered.wait(5), "a second reader waited for the first one"
+    t.join(5)
+
+
+def test_rwlock_held_read_lock_keeps_the_writer_out_until_released() -> None:
+    lock = RWLock()
+    entered, order = threading.Event(), list[str]()
+    with lock.read():
+        t = _enter_in_thread(lock.write, entered, order, "writer")
+        assert not entered.wait(GRACE), "the writer got in while a reader held the lock"
+    assert entered.wait(5), "the writer never got in after the reader left"
+    t.join(5)
+
+
+def test_rwlock_held_write_lock_keeps_readers_and_writers_out() -> None:
+    lock = RWLock()
+    events, order = [threading.Event(), threading.Event()], list[str]()
+    with lock.write():
+        ts = [
+            _enter_in_thread(lock.read, events[0], order, "reader"),
+            _enter_in_thread(lock.write, events[1], order, "writer"),
+        ]
+        assert not events[0].wait(GRACE) and not events[1].is_set(), order
+    assert events[0].wait(5) and events[1].wait(5), order
+    for t in ts:
+        t.join(5)
+
+
+def test_rwlock_waiting_writer_blocks_new_readers() -> None:
+    """Ingestion never starves: once a writer waits, a newly arriving reader queues behind it."""
+    lock = RWLock()
+    w_in, r_in, order = threading.Event(), threading.Event(), list[str]()
+    with lock.read():
+        w = _enter_in_thread(lock.write, w_in, order, "writer")
+        wait_until(lambda: lock._writers_waiting == 1, timeout=5)  # the writer is parked in write()
+        r = _enter_in_thread(lock.read, r_in, order, "late reader")
+        assert not r_in.wait(GRACE), "a reader overtook the waiting writer"
+    assert w_in.wait(5) and r_in.wait(5)
+    assert order == ["writer", "late reader"]
+    w.join(5)
+    r.join(5)
+
+
+def test_rwlock_stress_no_reader_ever_overlaps_a_writer() -> None:
+    """Readers and writers hold the lock across a thread switch (time.sleep(0) gives up the GIL) and each
+    checks, inside its section, who else is inside: under a broken lock the overlap shows up at once."""
+    lock = RWLock()
+    inside = {"readers": 0, "writers": 0}
+    violations: list[str] = []
     guard = threading.Lock()
 
     def read() -> None:
-        for _ in range(200):
+        for _ in range(300):
             with lock.read():
                 with guard:
-                    state["readers"] += 1
+                    inside["readers"] += 1
+                    if inside["writers"]:
+                        violations.append(f"reader inside with {inside['writers']} writer(s)")
+                time.sleep(0)
                 with guard:
-                    state["readers"] -= 1
+                    if inside["writers"]:
+                        violations.append("a writer came in while a reader was inside")
+                    inside["readers"] -= 1
 
     def write() -> None:
-        for _ in range(200):
-            with lock.write(), guard:
-                if state["readers"]:
-                    state["bad"] = True
+        for _ in range(100):
+            with lock.write():
+                with guard:
+                    inside["writers"] += 1
+                    if inside["readers"] or inside["writers"] > 1:
+                        violations.append(f"writer inside with {inside}")
+                time.sleep(0)
+                with guard:
+                    if inside["readers"] or inside["writers"] > 1:
+                        violations.append("someone came in while a writer was inside")
+                    inside["writers"] -= 1
 
-    ts = [threading.Thread(target=read) for _ in range(3)] + [threading.Thread(target=write)]
+    ts = [threading.Thread(target=read) for _ in range(3)] + [threading.Thread(target=write) for _ in range(2)]
     for t in ts:
         t.start()
     for t in ts:
-        t.join()
-    assert not state["bad"]
+        t.join(60)
+    assert not any(t.is_alive() for t in ts), "deadlock"
+    assert not violations, violations[:5]
+    assert inside == {"readers": 0, "writers": 0}
 
 
 def test_ivf_is_exact_until_it_can_train_then_trains_on_everything_held() -> None:

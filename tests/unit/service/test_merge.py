@@ -1,24 +1,64 @@
-"""Distance-rank merge against brute force over the union of both sides."""
+"""Distance-rank merge against brute force over the union of both sides.
+
+`merge_topk` has two implementations: a two-pointer merge for one or two queries and an array path for more
+(with a fast path when no id repeats). Every property below (exact top-k, ties to NEW, one hit per id,
+padding ignored) is checked on BOTH, with more than one query row in the array path, against `_brute`: a
+plain-Python reference that shares no code with the module.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
-from service.merge import merge_topk
+from service.merge import Hit, merge_topk
+
+# Query counts that reach each implementation: 1-2 the two-pointer merge, 3+ the array path.
+TWO_POINTER, ARRAY = (1, 2), (3, 7)
 
 
-def _brute(new_d, new_i, old_d, old_i, k):
+def _brute(
+    new_d: np.ndarray, new_i: np.ndarray, old_d: np.ndarray | None, old_i: np.ndarray | None, k: int
+) -> list[list[tuple[int, float, str]]]:
+    """Per query: every (distance, id, side) of both lists, -1 slots dropped, sorted by distance with NEW
+    before OLD on a tie (and each list's own order otherwise), the first hit of each id kept, k of them."""
     out = []
-    for r in range(new_d.shape[0]):
+    for r in range(len(new_i)):
         cands = [(float(d), int(i), "new") for d, i in zip(new_d[r], new_i[r], strict=True) if i >= 0]
-        cands += [(float(d), int(i), "old") for d, i in zip(old_d[r], old_i[r], strict=True) if i >= 0]
-        cands.sort(key=lambda t: (t[0], t[2] != "new"))
-        out.append(cands[:k])
+        if old_d is not None and old_i is not None:
+            cands += [(float(d), int(i), "old") for d, i in zip(old_d[r], old_i[r], strict=True) if i >= 0]
+        cands.sort(key=lambda t: (t[0], t[2] != "new"))  # stable: list order among equal keys
+        row: list[tuple[int, float, str]] = []
+        seen: set[int] = set()
+        for d, i, side in cands:
+            if i not in seen and len(row) < k:
+                seen.add(i)
+                row.append((i, d, side))
+        out.append(row)
     return out
 
 
-@pytest.mark.parametrize("m", [1, 2, 7])  # 1-2 queries: two-pointer path; more: array path
+def _as_tuples(merged: list[list[Hit]]) -> list[list[tuple[int, float, str]]]:
+    return [[(h.item_id, h.distance, h.source) for h in row] for row in merged]
+
+
+def _side_lists(
+    rng: np.random.Generator, m: int, width: int, ids: np.ndarray, levels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(m, width) ascending distances and ids as a FAISS index returns them: distinct ids within a row,
+    distances from `levels` values (so ties are common), and a random number of -1 / inf slots at the end."""
+    d = np.sort(rng.integers(0, levels, size=(m, width)) / levels, axis=1).astype(np.float32)
+    i = np.stack([rng.choice(ids, size=width, replace=False) for _ in range(m)])
+    for r in range(m):
+        short = int(rng.integers(0, width + 1)) if rng.random() < 0.4 else 0
+        if short:
+            d[r, width - short :], i[r, width - short :] = np.inf, -1
+    return d, i
+
+
+@pytest.mark.parametrize("m", [*TWO_POINTER, *ARRAY])
 @pytest.mark.parametrize("seed", range(4))
 def test_merged_topk_equals_exact_topk_of_union(seed: int, m: int) -> None:
     rng = np.random.default_rng(seed)
@@ -36,33 +76,83 @@ def test_merged_topk_equals_exact_topk_of_union(seed: int, m: int) -> None:
     union_d = np.concatenate([dn, do], axis=1)
     union_i = np.concatenate([np.broadcast_to(new_ids, dn.shape), np.broadcast_to(old_ids, do.shape)], axis=1)
     exact = np.take_along_axis(union_i, np.argsort(union_d, axis=1)[:, :k], 1)
+    assert len(merged) == m
     for r in range(m):
         assert [h.item_id for h in merged[r]] == exact[r].tolist()
         assert all((h.source == "new") == (h.item_id < 1000) for h in merged[r])
         ds = [h.distance for h in merged[r]]
         assert ds == sorted(ds)
+        exact_d = np.sort(union_d[r])[:k].astype(np.float32)
+        np.testing.assert_allclose(ds, exact_d, rtol=1e-6)
 
 
-def test_padding_duplicates_and_short_lists() -> None:
-    new_d = np.array([[0.1, 0.5, np.inf]], np.float32)
-    new_i = np.array([[1, 2, -1]])
-    old_d = np.array([[0.2, 0.4, 0.05]], np.float32)
-    old_i = np.array([[3, 2, -1]])  # id 2 on both sides must appear once; -1 slots are ignored
-    got = merge_topk(new_d, new_i, old_d, old_i, 10)[0]
-    assert [(h.item_id, h.source) for h in got] == [(1, "new"), (3, "old"), (2, "old")]
-    assert merge_topk(new_d, new_i, None, None, 1)[0][0].item_id == 1
+@pytest.mark.parametrize("m", [*TWO_POINTER, *ARRAY])
+@pytest.mark.parametrize("overlap", [False, True], ids=["disjoint", "overlapping"])
+@pytest.mark.parametrize("seed", range(6))
+def test_ties_duplicates_and_padding_equal_brute_force(seed: int, m: int, overlap: bool) -> None:
+    """Coarse distances (many ties within and across sides), short lists, and (when `overlap`) ids that
+    both sides return: every row of every path equals the reference, for k below, at and above the width."""
+    rng = np.random.default_rng(100 * seed + m)
+    width = 8
+    new_ids = np.arange(20)
+    old_ids = np.arange(10, 30) if overlap else np.arange(100, 120)
+    nd, ni = _side_lists(rng, m, width, new_ids, levels=4)
+    od, oi = _side_lists(rng, m, width, old_ids, levels=4)
+    for k in (1, 3, width, 2 * width + 1):
+        got = _as_tuples(merge_topk(nd, ni, od, oi, k))
+        assert got == _brute(nd, ni, od, oi, k), (k, nd, ni, od, oi)
+        for row in got:
+            assert len({i for i, _, _ in row}) == len(row)  # never an id twice
+            assert all(not math.isinf(d) for _, d, _ in row)  # never a padding slot
 
 
-def test_ties_prefer_new() -> None:
-    got = merge_topk(np.array([[0.3]]), np.array([[1]]), np.array([[0.3]]), np.array([[2]]), 1)[0]
-    assert [(h.item_id, h.source) for h in got] == [(1, "new")]
+@pytest.mark.parametrize("m", [*TWO_POINTER, *ARRAY])
+def test_ties_prefer_new(m: int) -> None:
+    """Equal distances on both sides: NEW's hit comes first, in every row."""
+    nd = np.tile(np.array([[0.3, 0.5]], np.float32), (m, 1))
+    od = nd.copy()
+    ni = np.array([[1 + 10 * r, 2 + 10 * r] for r in range(m)])
+    oi = ni + 5
+    got = merge_topk(nd, ni, od, oi, 3)
+    assert [[(h.item_id, h.source) for h in row] for row in got] == [
+        [(1 + 10 * r, "new"), (6 + 10 * r, "old"), (2 + 10 * r, "new")] for r in range(m)
+    ]
 
 
-def test_brute_helper_agrees_on_random_lists() -> None:
-    rng = np.random.default_rng(9)
-    nd, od = np.sort(rng.random((3, 6)), 1), np.sort(rng.random((3, 6)), 1)
-    ni, oi = rng.permutation(100)[:18].reshape(3, 6), rng.permutation(np.arange(100, 200))[:18].reshape(3, 6)
-    got = merge_topk(nd, ni, od, oi, 5)
-    want = _brute(nd, ni, od, oi, 5)
-    for g, w in zip(got, want, strict=True):
-        assert [(h.item_id, h.source) for h in g] == [(i, s) for _, i, s in w]
+# One row per case; id 7 is on both sides. (new list, old list, the merged row worked out by hand.)
+BOTH_SIDES = [
+    ([(0.5, 1), (0.75, 7)], [(0.25, 7), (0.625, 3)], [(7, 0.25, "old"), (1, 0.5, "new"), (3, 0.625, "old")]),
+    ([(0.25, 7), (0.5, 1)], [(0.625, 3), (0.75, 7)], [(7, 0.25, "new"), (1, 0.5, "new"), (3, 0.625, "old")]),
+    ([(0.375, 7), (0.5, 1)], [(0.375, 7), (0.625, 3)], [(7, 0.375, "new"), (1, 0.5, "new"), (3, 0.625, "old")]),
+]
+
+
+@pytest.mark.parametrize("m", [*TWO_POINTER, *ARRAY])
+def test_an_id_on_both_sides_appears_once_at_its_nearer_distance(m: int) -> None:
+    """Overlapping lists (which the merge must tolerate): the id is kept once, from the side where it is
+    nearer, NEW on a tie; rows cycle through the cases so the array path sees them side by side."""
+    cases = [BOTH_SIDES[r % len(BOTH_SIDES)] for r in range(m)]
+    nd = np.array([[d for d, _ in new] for new, _, _ in cases], np.float32)
+    ni = np.array([[i for _, i in new] for new, _, _ in cases])
+    od = np.array([[d for d, _ in old] for _, old, _ in cases], np.float32)
+    oi = np.array([[i for _, i in old] for _, old, _ in cases])
+    got = _as_tuples(merge_topk(nd, ni, od, oi, 10))
+    assert got == [want for _, _, want in cases]
+    assert got == _brute(nd, ni, od, oi, 10)
+
+
+@pytest.mark.parametrize("m", [*TWO_POINTER, *ARRAY])
+def test_without_old_side_the_new_list_is_returned_as_is(m: int) -> None:
+    rng = np.random.default_rng(m)
+    nd, ni = _side_lists(rng, m, 6, np.arange(50), levels=10)
+    want = _brute(nd, ni, None, None, 4)
+    assert _as_tuples(merge_topk(nd, ni, None, None, 4)) == want
+    empty = np.empty((m, 0))
+    assert _as_tuples(merge_topk(nd, ni, empty, empty.astype(np.int64), 4)) == want
+
+
+def test_brute_reference_on_a_hand_worked_case() -> None:
+    """The reference itself, on a case worked out by hand (id 2 on both sides, a tie, padding)."""
+    nd, ni = np.array([[0.1, 0.4, np.inf]]), np.array([[1, 2, -1]])
+    od, oi = np.array([[0.2, 0.4, np.inf]]), np.array([[3, 2, -1]])
+    assert _brute(nd, ni, od, oi, 10) == [[(1, 0.1, "new"), (3, 0.2, "old"), (2, 0.4, "new")]]
