@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import typer
 
-from cli import db, dev, rollout, serve, train
+from cli import db, dev, evaluate, rollout, serve, train
 
-COMMANDS = (db, serve, train, rollout, dev)
+COMMANDS = (db, serve, train, evaluate, rollout, dev)
 
 app = typer.Typer(help="Online embedding-model upgrades for a live retrieval service.", no_args_is_help=True)
 for command in COMMANDS:

@@ -181,6 +181,12 @@ def save_compat(
     return directory
 
 
+def update_manifest(directory: Path, **fields: Any) -> None:
+    """Replace top-level manifest fields (predictions, calibration) of an artifact; its files are unchanged."""
+    manifest = {**_read_manifest(directory), **fields}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
 def load_encoder(directory: Path, device: str = "cpu") -> Encoder:
     m = _read_manifest(directory)
     if m.get("kind") != "encoder":

@@ -332,12 +332,15 @@ def calibration_data(
     k: int = 100,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top-k neighbour distances and relevance on both sides for calibration (leave-one-out)."""
+    k = min(k, len(labels) - 1)  # a small probe set (a gallery sample) has fewer than k other items
     if mode == "reverse":
         q_old, g_old = apply(psi, new_feats), old_feats
     elif mode == "forward":
         q_old, g_old = new_feats, apply(h, old_feats)
+    elif mode == "two-pass":
+        q_old, g_old = old_feats, old_feats
     else:
-        raise ValueError(f"mode must be reverse or forward, got {mode!r}")
+        raise ValueError(f"mode must be reverse, forward or two-pass, got {mode!r}")
     d_o, i_o = _knn(g_old, q_old, k, exclude_self=True)
     d_n, i_n = _knn(new_feats, new_feats, k, exclude_self=True)
     rel_o = labels[i_o] == labels[:, None]
@@ -380,6 +383,8 @@ def select_calibration(
     }
     if mode == "reverse":
         gallery, queries = old_feats, apply(psi, new_feats)
+    elif mode == "two-pass":
+        gallery, queries = old_feats, old_feats
     else:
         gallery, queries = apply(h, old_feats), new_feats
     s = apply(sigma, old_feats)

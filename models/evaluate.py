@@ -27,7 +27,7 @@ import numpy as np
 
 K = 100
 N_POINTS = 22
-MODES = ("reverse", "forward")
+MODES = ("reverse", "forward", "two-pass")  # merging paths (old-only = old/old; models/paths.py)
 POLICIES = ("random", "uncertainty", "oracle")
 INVALID = -1
 
@@ -248,6 +248,8 @@ class Evaluator:
     def ranked(self, in_new: np.ndarray, mode: str) -> np.ndarray:
         """(N, k) merged ranked ids for the split `in_new` (bool mask, True = backfilled)."""
         in_new = np.asarray(in_new, dtype=bool)
+        if mode == "old-only":  # NEW is not searched: every item answers from its old vector
+            return self.search("raw", np.ones(len(in_new), bool))[1]
         if in_new.all():
             return self.search("new", in_new)[1]
         if not in_new.any():
@@ -292,30 +294,39 @@ def summarize(values: Sequence[float], old_old: float, new_new: float) -> dict[s
 # ---------------------------------------------------------------------------------------- from artifacts
 
 
+def pair_evaluator(old: np.ndarray, new: np.ndarray, labels: np.ndarray, pack: Any, k: int = K) -> Evaluator:
+    """An evaluator over `old` / `new` vectors of one gallery with one OLD space per query path of
+    models/paths.py (reverse, forward, two-pass; old-only searches `raw`) and `raw` (old/old, the
+    uncalibrated two-pass merge)."""
+
+    def cal(mode: str) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda d: pack.calibrate(mode, d)
+
+    spaces = {
+        "reverse": Space(old, pack.reverse(new), cal("reverse")),
+        "forward": Space(pack.forward(old), new, cal("forward")),
+        "two-pass": Space(old, old, cal("two-pass")),
+        "raw": Space(old, old),
+    }
+    return Evaluator(np.asarray(labels), new, spaces, k)
+
+
 def build_evaluator(
     images: np.ndarray, labels: np.ndarray, artifacts_dir: Path, old: str = "v1", new: str = "v2", k: int = K
 ) -> tuple[Evaluator, dict[str, np.ndarray]]:
-    """Embed `images` with the shipped pair; returns the evaluator and the per-item policy signals."""
+    """Embed `images` with a pair from `artifacts_dir`; returns the evaluator and the per-item policy signals."""
     from models.artifacts import load_compat, load_encoder
 
-    enc_old = load_encoder(Path(artifacts_dir) / old)
-    enc_new = load_encoder(Path(artifacts_dir) / new)
     pack = load_compat(Path(artifacts_dir) / f"compat-{old}-{new}")
-    v_old = enc_old.embed(images)
-    v_new = enc_new.embed(images)
-    psi_new = pack.reverse(v_new)
-    h_old = pack.forward(v_old)
-    spaces = {
-        "reverse": Space(v_old, psi_new, lambda d: pack.calibrate("reverse", d)),
-        "forward": Space(h_old, v_new, lambda d: pack.calibrate("forward", d)),
-        "raw": Space(v_old, v_old),
-    }
+    v_old = load_encoder(Path(artifacts_dir) / old).embed(images)
+    v_new = load_encoder(Path(artifacts_dir) / new).embed(images)
+    ev = pair_evaluator(v_old, v_new, labels, pack, k)
     signals = {
         "sigma": pack.uncertainty(v_old),
-        "oracle_reverse": ((psi_new - v_old) ** 2).sum(1),
-        "oracle_forward": ((h_old - v_new) ** 2).sum(1),
+        "oracle_reverse": ((ev.old_spaces["reverse"].queries - v_old) ** 2).sum(1),
+        "oracle_forward": ((ev.old_spaces["forward"].gallery - v_new) ** 2).sum(1),
     }
-    return Evaluator(np.asarray(labels), v_new, spaces, k), signals
+    return ev, signals
 
 
 class OfflinePoint:
@@ -324,9 +335,8 @@ class OfflinePoint:
     def __init__(self, evaluator: Evaluator, mode: str) -> None:
         self.evaluator = evaluator
         self.mode = mode
-        n = len(evaluator.labels)
         self.old_old, self.old_old_top1 = evaluator.single("raw")
-        self.new_new, self.new_new_top1 = evaluator.point(np.ones(n, bool), mode)
+        self.new_new, self.new_new_top1 = evaluator.single("new")
 
     def __call__(self, in_new: np.ndarray) -> tuple[float, float]:
         return self.evaluator.point(np.asarray(in_new, dtype=bool), self.mode)
@@ -525,7 +535,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    styles = {"raw": ":", "reverse": "-", "forward": "--"}
+    styles = {"raw": ":", "reverse": "-", "forward": "--", "two-pass": "-."}
     colors = {"random": "tab:blue", "uncertainty": "tab:green", "oracle": "tab:purple"}
     for c in result["curves"]:
         color = "tab:red" if c["mode"] == "raw" else colors[c["policy"]]

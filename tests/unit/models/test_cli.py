@@ -8,6 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from cli.evaluate import register as register_eval
 from cli.train import register
 from models import evaluate as E
 from models.artifacts import discover, load_compat, load_encoder
@@ -18,6 +19,7 @@ def _app() -> typer.Typer:
     app = typer.Typer()
     app.command("noop")(lambda: None)
     register(app)
+    register_eval(app)
     return app
 
 
@@ -36,7 +38,8 @@ def test_train_all_quick_then_eval_curve(tmp_path: Path) -> None:
         assert m["input"]["shape"] == [1, 28, 28] and len(m["data_fingerprint"]) == 64 and "config" in m
     pack = load_compat(art / "compat-v1-v2")
     cal = pack.manifest["calibration"]
-    assert set(cal) == {"reverse", "forward"}
+    assert set(cal) == {"reverse", "forward", "two-pass"}
+    assert set(pack.manifest["predictions"]["curves"]) == {"reverse", "forward", "two-pass", "old-only"}
     for mode in cal:
         assert np.all(np.diff(cal[mode]["x"]) > 0) and np.all(np.diff(cal[mode]["y"]) >= 0)
 

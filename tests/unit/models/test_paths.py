@@ -1,0 +1,153 @@
+"""models/paths.py: predicted curves against independent computations, and the choice of a path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models import evaluate as E
+from models.paths import ORDER_MIN_GAIN, PATHS, PathRefused, choose, predict, scheduled_path
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+
+class ToyPack:
+    """Linear psi / h, a monotone two-pass calibration, sigma = a fixed projection of the old vector."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.p = rng.normal(size=(16, 8)).astype(np.float32)
+        self.q = rng.normal(size=(8, 16)).astype(np.float32)
+        self.s = rng.normal(size=8).astype(np.float32)
+
+    def reverse(self, v: np.ndarray) -> np.ndarray:
+        return _unit(v @ self.p)
+
+    def forward(self, v: np.ndarray) -> np.ndarray:
+        return _unit(v @ self.q)
+
+    def uncertainty(self, v: np.ndarray) -> np.ndarray:
+        return (v @ self.s).astype(np.float32)
+
+    def calibrate(self, mode: str, d: np.ndarray) -> np.ndarray:
+        return (0.5 * np.asarray(d) if mode == "two-pass" else np.asarray(d)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def toy() -> dict[str, Any]:
+    rng = np.random.default_rng(3)
+    n = 240
+    labels = rng.integers(0, 5, n)
+    new = _unit(rng.normal(size=(5, 16))[labels] + 0.6 * rng.normal(size=(n, 16)))
+    old = _unit(rng.normal(size=(5, 8))[labels] + 1.1 * rng.normal(size=(n, 8)))
+    pack = ToyPack(rng)
+    return {"labels": labels, "new": new, "old": old, "pack": pack, "pred": predict(old, new, labels, pack, k=20)}
+
+
+def _brute_map(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int) -> float:
+    aps = []
+    for q in range(len(labels)):
+        d = ((gallery - queries[q]) ** 2).sum(1)
+        d[q] = np.inf
+        cand = np.argsort(d, kind="stable")[:k]
+        rel = labels[cand] == labels[q]
+        hits = np.cumsum(rel)
+        aps.append(float((rel * hits / np.arange(1, k + 1)).sum() / max(rel.sum(), 1)))
+    return float(np.mean(aps))
+
+
+def test_ends_and_the_safe_path_against_brute_force(toy: dict[str, Any]) -> None:
+    pred, labels = toy["pred"], toy["labels"]
+    old_old = _brute_map(toy["old"], toy["old"], labels, 20)
+    new_new = _brute_map(toy["new"], toy["new"], labels, 20)
+    assert pred["old_old"] == pytest.approx(old_old, abs=1e-5) and pred["new_new"] == pytest.approx(new_new, abs=1e-5)
+    for order in ("uncertainty", "random"):
+        assert np.allclose(pred["curves"]["old-only"][order]["map"], old_old, atol=1e-5)
+        assert pred["curves"]["two-pass"][order]["map"][0] == pytest.approx(old_old, abs=1e-5)  # v1 queries, all OLD
+        for path in ("reverse", "forward", "two-pass"):
+            assert pred["curves"][path][order]["map"][-1] == pytest.approx(new_new, abs=1e-5)
+    psi0 = _brute_map(toy["pack"].reverse(toy["new"]), toy["old"], labels, 20)
+    assert pred["curves"]["reverse"]["uncertainty"]["map"][0] == pytest.approx(psi0, abs=1e-5)
+
+
+def test_an_interior_point_equals_the_dense_merge(toy: dict[str, Any]) -> None:
+    """Point 5/21 of two-pass / uncertainty, recomputed the dense way (full merged matrix, full sort)."""
+    labels, pack = toy["labels"], toy["pack"]
+    n = len(labels)
+    order = np.argsort(-pack.uncertainty(toy["old"]), kind="stable")
+    in_new = np.zeros(n, bool)
+    in_new[order[: E.n_in_new(5 / 21, n)]] = True
+    ev = E.pair_evaluator(toy["old"], toy["new"], labels, pack, k=20)
+    dense, _ = E.dense_point(ev, in_new, "two-pass")
+    assert toy["pred"]["curves"]["two-pass"]["uncertainty"]["map"][5] == pytest.approx(dense, abs=1e-5)
+
+
+def _pred(curves: dict[str, list[float]], old_old: float = 0.5) -> dict[str, Any]:
+    """Synthetic predictions: the same curve for both orders unless given as path:order."""
+    out: dict[str, Any] = {"old_old": old_old, "new_new": 0.9, "curves": {}}
+    for path in PATHS:
+        for order in ("uncertainty", "random"):
+            values = curves.get(f"{path}:{order}", curves.get(path, [old_old] * 4))
+            v = np.asarray(values)
+            out["curves"].setdefault(path, {})[order] = {
+                "map": list(values),
+                "auc": float(v.mean()),
+                "relative_gain": float((v.mean() - old_old) / (0.9 - old_old)),
+                "worst_margin": float(v.min() - old_old),
+                "worst_fraction": float(np.argmin(v) / (len(v) - 1)),
+            }
+    return out
+
+
+def test_auto_takes_the_highest_auc_that_never_dips() -> None:
+    pred = _pred(
+        {
+            "reverse": [0.45, 0.85, 0.9, 0.9],  # best AUC alone, but starts below old/old
+            "forward": [0.5, 0.7, 0.8, 0.9],
+            "two-pass": [0.5, 0.6, 0.7, 0.9],
+        }
+    )
+    c = choose(pred)
+    # a safe start hands over to reverse once reverse no longer dips: [0.5, 0.85, 0.9, 0.9]; forward and
+    # two-pass start equally well, forward with one encoder pass
+    assert c.mode == "forward" and not c.dips
+    assert c.predicted is not None and c.predicted["schedule"] == [[0.0, "forward"], [0.33333, "reverse"]]
+    assert c.predicted["auc"] == pytest.approx(np.mean([0.5, 0.85, 0.9, 0.9]), abs=1e-5)
+    assert scheduled_path(c.predicted, 0.2) == "forward" and scheduled_path(c.predicted, 0.4) == "reverse"
+    with pytest.raises(PathRefused, match=r"fall to 0\.4500 at fraction 0\.0"):
+        choose(pred, "reverse")
+    forced = choose(pred, "reverse", force=True)
+    assert forced.mode == "reverse" and forced.dips and forced.reason.startswith("forced")
+    # a switch that gains nothing loses to the single path
+    no_switch = _pred({"reverse": [0.45, 0.45, 0.8, 0.9], "forward": [0.5, 0.7, 0.8, 0.9]})
+    assert choose(no_switch).predicted["schedule"] == [[0.0, "forward"]]  # type: ignore[index]
+    # a margin admits a small dip that no single switch can avoid
+    late_dip = _pred({"reverse": [0.5, 0.9, 0.47, 0.9]})
+    assert choose(late_dip).predicted["schedule"] != [[0.0, "reverse"]]  # type: ignore[index]
+    assert choose(late_dip, margin=0.06).predicted["schedule"] == [[0.0, "reverse"]]  # type: ignore[index]
+
+
+def test_every_path_dips_leaves_old_only_and_ties_prefer_fewer_passes() -> None:
+    dipping = _pred({p: [0.49, 0.9, 0.9, 0.9] for p in ("reverse", "forward", "two-pass")})
+    assert choose(dipping).mode == "old-only"
+    tie = _pred({"two-pass": [0.5, 0.7, 0.8, 0.9], "forward": [0.5, 0.7, 0.8, 0.9]})
+    assert choose(tie).mode == "forward"  # one encoder pass beats two at equal AUC
+
+
+def test_uncertainty_falls_back_to_random_unless_it_wins_by_the_minimum_gain() -> None:
+    close = _pred({"forward:uncertainty": [0.5, 0.7, 0.8, 0.9], "forward:random": [0.5, 0.69, 0.8, 0.9]})
+    c = choose(close, "forward")
+    assert c.policy == "random" and "does not beat random" in c.reason
+    gain = (0.7 - 0.5) / 4 / 0.4 + 2 * ORDER_MIN_GAIN  # enough relative gain above random's
+    better = _pred({"forward:uncertainty": [0.5, 0.7 + gain * 1.6, 0.8, 0.9], "forward:random": [0.5, 0.7, 0.8, 0.9]})
+    assert choose(better, "forward").policy == "uncertainty"
+    assert choose(close, "forward", policy="fifo").policy == "fifo"  # explicit non-learned orders stay
+
+
+def test_without_predictions_auto_is_old_only() -> None:
+    c = choose(None)
+    assert c.mode == "old-only" and c.predicted is None and "no predictions" in c.reason
+    assert choose(None, "reverse").mode == "reverse"
