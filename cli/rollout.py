@@ -61,7 +61,25 @@ def _summary(r: dict[str, Any]) -> str:
         f"status={r['status']} "
         f"done={r['done']}/{r['total']} ({100 * r['fraction']:.1f}%) failed={r['failed']} "
         f"rate={r['items_per_second']:.1f}/s eta={eta} throttle={throttle}"
-    )
+    ) + _details(r)
+
+
+def _details(r: dict[str, Any]) -> str:
+    """Extra lines: why this path, the training phase, the live probe against old/old, the guard."""
+    path, lines = r.get("path") or {}, []
+    if path.get("reason"):
+        lines.append(f"path: {path['reason']}")
+    training = r.get("training")
+    if training and not training.get("done"):
+        lines.append(f"training: {training.get('sample_done', 0)}/{training.get('sample')} sample items embedded")
+    probe = path.get("probe") or {}
+    if probe.get("live_map") is not None:
+        lines.append(
+            f"probe: live mAP {probe['live_map']:.4f} vs old/old {probe['baseline_map']:.4f} ({probe['live_path']})"
+        )
+    if path.get("guard"):
+        lines.append(f"guard: {path['guard']}")
+    return "".join(f"\n  {line}" for line in lines)
 
 
 def watch(api_url: str, rollout_id: int, interval: float = 1.0) -> dict[str, Any]:
@@ -113,15 +131,18 @@ def worker(
 
 def upgrade(
     to: Annotated[str, typer.Option("--to", help="Registered model to upgrade to.")],
-    mode: Annotated[str, typer.Option(help="reverse | forward")] = "reverse",
+    mode: Annotated[
+        str, typer.Option(help="auto | reverse | forward | two-pass | old-only (auto: best predicted, never dips)")
+    ] = "auto",
     policy: Annotated[str, typer.Option(help="uncertainty | random | fifo")] = "uncertainty",
     batch_size: Annotated[int | None, typer.Option(help="Items per backfill batch.")] = None,
     max_items_per_second: Annotated[float | None, typer.Option(help="Throttle (items/s).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Take an explicit path predicted to dip.")] = False,
     follow: Annotated[bool, typer.Option("--watch", help="Follow progress until the end.")] = False,
     api_url: str = API_URL,
 ) -> None:
     """Start a rollout (POST /upgrade). With --watch: exit 3 if it ends failed, 4 if it is aborted."""
-    body: dict[str, Any] = {"to": to, "mode": mode, "policy": policy}
+    body: dict[str, Any] = {"to": to, "mode": mode, "policy": policy, "force": force}
     if batch_size is not None:
         body["batch_size"] = batch_size
     if max_items_per_second is not None:
@@ -198,6 +219,23 @@ def throttle(
         except ValueError as e:
             raise typer.BadParameter("a number of items per second, or 'off'", param_hint="RATE") from e
     typer.echo(_summary(_call(api_url, "PATCH", f"/rollouts/{rollout_id}", {"max_items_per_second": value})))
+
+
+@rollout_app.command("path")
+def path(
+    rollout_id: int,
+    mode: Annotated[str, typer.Argument(help="auto | reverse | forward | two-pass | old-only")],
+    force: Annotated[bool, typer.Option("--force", help="Take a path predicted to dip.")] = False,
+    api_url: str = API_URL,
+) -> None:
+    """Move an active rollout to another query path (409 with the predicted dip unless --force)."""
+    typer.echo(_summary(_call(api_url, "PATCH", f"/rollouts/{rollout_id}", {"mode": mode, "force": force})))
+
+
+@rollout_app.command("rollback")
+def rollback(rollout_id: int, api_url: str = API_URL) -> None:
+    """After completion: the previous model serves again from its retained vectors."""
+    typer.echo(_summary(_call(api_url, "POST", f"/rollouts/{rollout_id}/rollback")))
 
 
 def register(app: typer.Typer) -> None:

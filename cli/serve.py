@@ -83,6 +83,33 @@ def models_register(directory: Path = typer.Argument(..., exists=True, file_okay
         raise typer.Exit(1)
 
 
+@models_app.command("add")
+def models_add(
+    path: Path = typer.Argument(..., exists=True, file_okay=False, help="One encoder artifact folder."),
+) -> None:
+    """Validate one encoder artifact (it loads; a probe batch gives the declared shape, finite, normalised and
+    deterministic outputs), copy it into the artifacts folder and register it. Exit 2 naming the problem."""
+    from service.db import make_engine, make_sessionmaker
+    from service.errors import DomainError
+    from service.registry import add_encoder
+
+    settings = get_settings()
+    if settings.is_sqlite:
+        from service.db.migrate import upgrade_head
+
+        upgrade_head(settings)
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            row = add_encoder(s, Path(settings.artifacts_dir), path)
+    except DomainError as e:
+        typer.echo(f"refused: {e.problem}", err=True)
+        raise typer.Exit(2) from e
+    finally:
+        engine.dispose()
+    typer.echo(f"registered {row.name} (dim {row.dim}, {row.status}) from {row.artifact_path}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """List model versions and compat packs."""

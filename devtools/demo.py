@@ -46,6 +46,7 @@ class Point:
     offline_map: float
     offline_top1: float
     seconds: float
+    path: str = "-"  # the query path serving at this point ("-" once completed)
 
 
 @dataclass
@@ -57,6 +58,10 @@ class DemoResult:
     new_new: float
     points: list[Point] = field(default_factory=list)
     seconds: float = 0.0
+    pair: str = "v1->v2"
+    path_reason: str = ""
+    predicted: dict[str, Any] | None = None  # the pack's predicted curve for the chosen path (its probe set)
+    guard: dict[str, Any] | None = None  # set when the live guard paused the rollout and fell back
 
     @property
     def auc(self) -> float:
@@ -70,6 +75,7 @@ class DemoResult:
             "auc": self.auc,
             "relative_gain": (self.auc - self.old_old) / span if span else float("nan"),
             "largest_negative_flip": min([0.0, *flips]),
+            "lowest_vs_old_old": min(live, default=self.old_old) - self.old_old,
             "max_live_offline_gap": max((abs(p.live_map - p.offline_map) for p in self.points), default=0.0),
         }
 
@@ -169,27 +175,34 @@ class Client:
         return ranked, serving
 
 
-def _wait_ingested(client: Client, payload: str, want_fraction: float, timeout: float = 60.0) -> dict[str, Any]:
-    """Wait until the API's serving info reports the backfilled fraction the database has."""
+def _wait_ingested(
+    client: Client, payload: str, want_fraction: float, want_mode: str | None, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Wait until the API serves the rollout's path (`want_mode`; None once completed) and reports the
+    backfilled fraction the database has (0 on the old-only path, which searches no NEW side)."""
+    if want_mode == "old-only":
+        want_fraction = 0.0
     deadline = time.monotonic() + timeout
     serving: dict[str, Any] = {}
     while time.monotonic() < deadline:
         r = client.http.post("/search", json={"image_b64": payload, "k": 1})
         r.raise_for_status()
         serving = r.json()["serving"]
-        if abs(float(serving.get("backfilled_fraction") or 0.0) - want_fraction) < 1e-9:
+        same_path = serving.get("mode") == want_mode
+        if same_path and abs(float(serving.get("backfilled_fraction") or 0.0) - want_fraction) < 1e-9:
             return serving
         time.sleep(0.1)
     raise TimeoutError(f"ingestion did not catch up: API reports {serving}, database {want_fraction}")
 
 
-def _stack_env(settings: Settings, data_dir: Path) -> dict[str, str]:
+def _stack_env(settings: Settings, data_dir: Path, old: str = "v1") -> dict[str, str]:
     """The environment of the demo's API and worker processes (no BACKFILL_* variable of ours leaks in)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFILL_")}
     env.update(
         BACKFILL_DATA_DIR=str(data_dir),
         BACKFILL_OPERATOR_TOKEN=DEMO_TOKEN,
         BACKFILL_ARTIFACTS_DIR=str(settings.artifacts_dir),
+        BACKFILL_DEFAULT_MODEL=old,
         BACKFILL_FASHION_MNIST_DIR=str(settings.fashion_mnist_dir),
         BACKFILL_INGEST_POLL_SECONDS="0.1",
         BACKFILL_METRICS_PORT="0",
@@ -224,7 +237,7 @@ class _Gallery:
 
     def load(self, client: Client, progress: bool) -> None:
         """POST /items in chunks of 500 (v1 serving)."""
-        bar = tqdm(total=len(self.images), desc="loading gallery (v1)", unit="img", disable=not progress)
+        bar = tqdm(total=len(self.images), desc="loading gallery", unit="img", disable=not progress)
         for i in range(0, len(self.images), 500):
             chunk = [
                 {"id": self.ids[j], "image_b64": self.payloads[j], "label": int(self.labels[j])}
@@ -237,20 +250,35 @@ class _Gallery:
 
 def _measurer(
     client: Client, gallery: _Gallery, offline: Any, k: int = 100
-) -> Callable[[float, np.ndarray], tuple[float, float, float, float]]:
-    """measure(fraction in the database, items in NEW) -> (live mAP, live top-1, offline mAP, offline top-1)."""
+) -> Callable[[float, np.ndarray, str | None], tuple[float, float, float, float]]:
+    """measure(fraction in the database, items in NEW, the serving path or None once completed) ->
+    (live mAP, live top-1, offline mAP, offline top-1)."""
     from models import evaluate
 
-    def measure(fraction_db: float, in_new: np.ndarray) -> tuple[float, float, float, float]:
-        _wait_ingested(client, gallery.payloads[0], fraction_db)
+    def measure(fraction_db: float, in_new: np.ndarray, path: str | None) -> tuple[float, float, float, float]:
+        _wait_ingested(client, gallery.payloads[0], fraction_db, path)
         ranked_ext, _ = client.search_all(gallery.payloads, k + 1)
         idx = gallery.id_index
         ranked = [[idx[x] for x in row if idx[x] != q][:k] for q, row in enumerate(ranked_ext)]
         live_map, live_top1 = evaluate.ranked_metrics(ranked, gallery.labels, k)
-        off_map, off_top1 = offline(in_new)
+        off_map, off_top1 = offline.evaluator.point(in_new, path or "reverse")  # all in NEW: any path
         return live_map, live_top1, off_map, off_top1
 
     return measure
+
+
+def _scheduled(client: Client, rid: int, state: dict[str, Any], fraction: float, timeout: float = 30.0) -> str:
+    """The path serving at this point: wait for an `auto` rollout's scheduled switch (the API's progress
+    loop makes it within seconds), then return the rollout's path."""
+    from models.paths import scheduled_path
+
+    want = scheduled_path(state["path"]["predicted"], fraction)
+    auto = state["path"]["requested"] == "auto" and state["path"]["guard"] is None
+    deadline = time.monotonic() + timeout
+    while auto and want is not None and state["mode"] != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = client.rollout(rid)
+    return str(state["mode"])
 
 
 def _measure_points(
@@ -258,7 +286,7 @@ def _measure_points(
     rid: int,
     engine: Any,
     gallery: _Gallery,
-    measure: Callable[[float, np.ndarray], tuple[float, float, float, float]],
+    measure: Callable[[float, np.ndarray, str | None], tuple[float, float, float, float]],
     result: DemoResult,
     n_points: int,
     progress: bool,
@@ -269,10 +297,12 @@ def _measure_points(
     for target in targets:
         t0 = time.monotonic()
         state = _advance_to(client, rid, target, engine)
-        in_new = _backfilled_mask(engine, gallery.id_index)
+        in_new = _backfilled_mask(engine, gallery.id_index, state["to"])
         fraction = state["done"] / max(state["total"], 1)
-        lm, lt, om, ot = measure(fraction if state["status"] != "completed" else 1.0, in_new)
-        result.points.append(Point(fraction, state["done"], state["total"], lm, lt, om, ot, time.monotonic() - t0))
+        path = None if state["status"] == "completed" else _scheduled(client, rid, state, fraction)
+        lm, lt, om, ot = measure(fraction if state["status"] != "completed" else 1.0, in_new, path)
+        point = Point(fraction, state["done"], state["total"], lm, lt, om, ot, time.monotonic() - t0, path or "-")
+        result.points.append(point)
         bar.set_postfix(fraction=f"{fraction:.2f}", live=f"{lm:.4f}", offline=f"{om:.4f}")
         bar.update(1)
     bar.close()
@@ -283,10 +313,13 @@ def run_demo(
     out: Path,
     n_items: int = 10_000,
     n_points: int = 21,
-    mode: str = "reverse",
+    mode: str = "auto",
     policy: str = "uncertainty",
     batch_size: int = 50,
     progress: bool = True,
+    old: str = "v1",
+    new: str = "v2",
+    offset: int = 0,
 ) -> DemoResult:
     """Run the whole demo; returns the measured curve (also written under `out`)."""
     from models import evaluate
@@ -300,9 +333,16 @@ def run_demo(
     data_dir.mkdir(parents=True)
 
     images, labels = load_fashion_mnist(settings.fashion_mnist_dir, "test")
-    gallery = _Gallery(images[:n_items], labels[:n_items])
-    env = _stack_env(settings, data_dir)
-    result = DemoResult(items=len(gallery.images), mode=mode, policy=policy, old_old=float("nan"), new_new=float("nan"))
+    gallery = _Gallery(images[offset : offset + n_items], labels[offset : offset + n_items])
+    env = _stack_env(settings, data_dir, old)
+    result = DemoResult(
+        items=len(gallery.images),
+        mode=mode,
+        policy=policy,
+        old_old=float("nan"),
+        new_new=float("nan"),
+        pair=f"{old}->{new}",
+    )
     with ExitStack() as stack:
         s = Stack(env, _free_port(), out)
         stack.callback(s.stop)
@@ -313,21 +353,25 @@ def run_demo(
         client.wait_ready(procs=s.procs)
         gallery.load(client, progress)
 
+        # Upgrade and pause before any worker runs, so the first point is fraction 0 exactly; the
+        # worker then plans the rollout and waits for each resume. `auto` resolves to a path here.
+        rollout = client.post("/upgrade", {"to": new, "mode": mode, "policy": policy, "batch_size": batch_size})
+        rid = int(rollout["id"])
+        client.post(f"/rollouts/{rid}/pause")
+        result.mode, result.policy = rollout["mode"], rollout["policy"]
+        result.path_reason, result.predicted = rollout["path"]["reason"] or "", rollout["path"]["predicted"]
+        say(f"rollout {rid}: path {rollout['mode']}, order {rollout['policy']} ({rollout['path']['reason']})")
         offline = evaluate.offline_point_fn(
-            gallery.images, gallery.labels, settings.artifacts_dir, "v1", "v2", mode=mode, k=100
+            gallery.images, gallery.labels, settings.artifacts_dir, old, new, mode=result.mode, k=100
         )
         result.old_old, result.new_new = offline.old_old, offline.new_new
         measure = _measurer(client, gallery, offline)
 
         engine = _db_engine(settings.database_url, data_dir)
         stack.callback(engine.dispose)
-        # Upgrade and pause before any worker runs, so the first point is fraction 0 exactly; the
-        # worker then plans the rollout and waits for each resume.
-        rollout = client.post("/upgrade", {"to": "v2", "mode": mode, "policy": policy, "batch_size": batch_size})
-        rid = int(rollout["id"])
-        client.post(f"/rollouts/{rid}/pause")
         s.start_worker()
         _measure_points(client, rid, engine, gallery, measure, result, n_points, progress)
+        result.guard = client.rollout(rid)["path"]["guard"]
     result.seconds = time.monotonic() - t_start
     write_outputs(result, out)
     return result
@@ -380,7 +424,7 @@ def _advance_to(client: Client, rid: int, target: float, engine: Any, poll: floa
         time.sleep(0.05)
 
 
-def _backfilled_mask(engine: Any, id_index: dict[str, int], to_version: str = "v2") -> np.ndarray:
+def _backfilled_mask(engine: Any, id_index: dict[str, int], to_version: str) -> np.ndarray:
     """Which gallery items have a committed new-model embedding (read from the database, the truth)."""
     import sqlalchemy as sa
 
@@ -412,11 +456,15 @@ def write_outputs(result: DemoResult, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(xs, [p.live_map for p in result.points], "o-", label="live, through /search")
     ax.plot(xs, [p.offline_map for p in result.points], "x--", label="offline harness, same items")
+    if result.predicted:  # on the pack's probe set: compare shapes relative to old/old and new/new there
+        pred = result.predicted
+        fr = np.linspace(0, 1, len(pred["map"]))
+        ax.plot(fr, pred["map"], ".:", color="tab:green", label=f"predicted (probe set, old/old {pred['old_old']:.3f})")
     ax.axhline(result.old_old, color="grey", ls=":", label=f"old/old {result.old_old:.3f}")
     ax.axhline(result.new_new, color="black", ls=":", label=f"new/new {result.new_new:.3f}")
     ax.set_xlabel("fraction backfilled")
     ax.set_ylabel("mAP@100")
-    ax.set_title(f"Live backfill curve: {result.mode} mode, {result.policy} order, {result.items} items")
+    ax.set_title(f"Live backfill {result.pair}: {result.mode} path, {result.policy} order, {result.items} items")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -428,19 +476,20 @@ def write_outputs(result: DemoResult, out: Path) -> None:
 def table(result: DemoResult) -> str:
     s = result.summary()
     lines = [
-        "| fraction | done/total | live mAP@100 | offline mAP@100 | live top-1 | offline top-1 |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| fraction | done/total | path | live mAP@100 | offline mAP@100 | live top-1 | offline top-1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in result.points:
         lines.append(
-            f"| {p.fraction:.3f} | {p.done}/{p.total} | {p.live_map:.4f} | {p.offline_map:.4f} | "
+            f"| {p.fraction:.3f} | {p.done}/{p.total} | {p.path} | {p.live_map:.4f} | {p.offline_map:.4f} | "
             f"{p.live_top1:.4f} | {p.offline_top1:.4f} |"
         )
     lines.append("")
     lines.append(
         f"old/old {result.old_old:.4f}, new/new {result.new_new:.4f}; live AUC {s['auc']:.4f}, relative gain "
-        f"{s['relative_gain']:.3f}, largest negative flip {s['largest_negative_flip']:.4f}, largest live-offline "
-        f"gap {s['max_live_offline_gap']:.4f}; {result.seconds:.0f} s in all."
+        f"{s['relative_gain']:.3f}, largest negative flip {s['largest_negative_flip']:.4f}, lowest point vs "
+        f"old/old {s['lowest_vs_old_old']:+.4f}, largest live-offline gap {s['max_live_offline_gap']:.4f}; "
+        f"{result.seconds:.0f} s in all. Pair {result.pair}, path {result.mode} / {result.policy}: {result.path_reason}"
     )
     return "\n".join(lines) + "\n"
 
@@ -448,16 +497,23 @@ def table(result: DemoResult) -> str:
 def demo(
     items: int = typer.Option(10_000, help="Gallery size (Fashion-MNIST test images)."),
     points: int = typer.Option(22, min=3, help="Measuring points at fractions i/(points-1), as the harness."),
-    mode: str = typer.Option("reverse", help="reverse | forward"),
+    mode: str = typer.Option("auto", help="auto | reverse | forward | two-pass | old-only"),
     policy: str = typer.Option("uncertainty", help="uncertainty | random | fifo"),
     batch_size: int = typer.Option(50, min=1, help="Backfill batch size (pause granularity)."),
     out: Path = typer.Option(REPO_ROOT / "runs" / "demo", help="Output folder."),
+    artifacts: Path | None = typer.Option(None, help="Artifacts folder of the pair (default: the shipped one)."),
+    old: str = typer.Option("v1", help="The model serving at the start (under --artifacts)."),
+    new: str = typer.Option("v2", help="The model to upgrade to (under --artifacts)."),
+    offset: int = typer.Option(0, min=0, help="First test image of the gallery."),
 ) -> None:
     """Run the live upgrade demo on embedded defaults and write runs/demo/curve.{json,png,md}."""
     from models.data import DatasetMissing
 
+    settings = get_settings()
+    if artifacts is not None:
+        settings = settings.model_copy(update={"artifacts_dir": artifacts.resolve()})
     try:
-        result = run_demo(get_settings(), out, items, points, mode, policy, batch_size)
+        result = run_demo(settings, out, items, points, mode, policy, batch_size, True, old, new, offset)
     except DatasetMissing as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from e

@@ -65,6 +65,21 @@ class Settings(BaseSettings):
     old_embedding_retention_days: float = Field(
         7.0, ge=0, description="Keep the old model's embeddings this long after a rollout completes."
     )
+    path_margin: float = Field(
+        0.0, ge=0, le=1, description="`auto` takes only paths predicted never below old/old minus this (mAP)."
+    )
+    probe_queries: int = Field(200, ge=0, description="Labelled items probed through /search during a rollout.")
+    probe_k: int = Field(50, ge=1, le=1000, description="k of the probe's mAP@k.")
+    probe_interval_seconds: float = Field(30.0, gt=0, description="Seconds between two live probes of an API.")
+    guard_margin: float = Field(
+        0.02, ge=0, le=1, description="Pause and fall back to old-only when the probe is this far below old/old."
+    )
+    train_sample: int = Field(
+        3000, ge=20, description="Gallery items a rollout without a compat pack embeds and trains its pack on."
+    )
+    train_probe_share: float = Field(
+        0.2, gt=0, lt=1, description="Share of that sample held out to predict each path's curve."
+    )
     purge_on_abort: bool = Field(False, description="Delete the new model's embeddings when aborting.")
     queue_name: str = Field("backfill", description="RQ queue name.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")

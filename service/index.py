@@ -406,8 +406,9 @@ class VectorIndex:
 class Layout:
     """Which indices exist and what they hold, read from the database (docs/rollout-semantics.md).
 
-    Outside a rollout: one index (`new`) of `serving`. During a rollout from -> to: NEW holds `to`
-    vectors, OLD `from` vectors (mode reverse) or h(from) vectors (mode forward)."""
+    Outside a rollout: one index (`new`) of `serving`. During a rollout from -> to, by path (`mode`,
+    models/paths.py): NEW holds `to` vectors, OLD `from` vectors (reverse, two-pass) or h(from) vectors
+    (forward); on the old-only path there is no NEW and OLD holds every item's `from` vector."""
 
     serving: str | None
     rollout_id: int | None = None
@@ -420,13 +421,31 @@ class Layout:
         return self.rollout_id is not None
 
     @property
+    def new_model(self) -> str | None:
+        """The model whose vectors NEW holds (and whose pass searches it); None on the old-only path."""
+        if not self.in_rollout:
+            return self.serving
+        return None if self.mode == "old-only" else self.to_model
+
+    @property
+    def old_query_model(self) -> str | None:
+        """The model whose pass searches OLD (through psi in reverse mode); None outside a rollout."""
+        if not self.in_rollout:
+            return None
+        return self.from_model if self.mode in ("two-pass", "old-only") else self.to_model
+
+    @property
     def query_model(self) -> str | None:
-        """The one model that encodes a query: the rollout's target during a rollout."""
-        return self.to_model if self.in_rollout else self.serving
+        """The model answering queries: the rollout's target during a rollout, except on the old-only path."""
+        return self.new_model if self.new_model is not None else self.old_query_model
+
+    @property
+    def encoder_passes(self) -> int:
+        return len({m for m in (self.new_model, self.old_query_model) if m is not None})
 
     @property
     def new_space(self) -> str | None:
-        return self.query_model
+        return self.new_model
 
     @property
     def old_space(self) -> str | None:
@@ -500,14 +519,15 @@ class IndexSet:
 
     # --- reads (queries) -----------------------------------------------------------------------------
     def search(
-        self, q_new: np.ndarray, q_old: np.ndarray | None, k: int
+        self, q_new: np.ndarray | None, q_old: np.ndarray | None, k: int
     ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
         """Search NEW with `q_new` and OLD with `q_old` under one read lock (a consistent snapshot)."""
         with self.lock.read():
+            n = len(q_new) if q_new is not None else len(q_old) if q_old is not None else 0
             new_hits = (
                 self.new.search(q_new, k)
-                if self.new is not None
-                else (np.full((len(q_new), k), np.inf, np.float32), np.full((len(q_new), k), -1, np.int64))
+                if self.new is not None and q_new is not None
+                else (np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int64))
             )
             old_hits = None
             if self.old is not None and q_old is not None:

@@ -186,9 +186,9 @@ class Follower:
             dims = dict(s.execute(sa.select(ModelVersion.name, ModelVersion.dim)).tuples().all())
             cursor.del_hw = int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(Item.deleted_seq), 0))) or 0)
         new = old = None
-        if layout.query_model is not None:
+        if layout.new_model is not None:
             new = VectorIndex(
-                dims[layout.query_model],
+                dims[layout.new_model],
                 self.factory,
                 space=str(layout.new_space),
                 use_gpu=self.use_gpu,
@@ -267,7 +267,7 @@ class Follower:
         if not fetched:
             return 0, 0
         rows = [r for r in fetched if cursor.unseen(int(r.seq))]
-        new_model = layout.query_model
+        new_model = layout.new_model
         old_model = layout.from_model if layout.in_rollout else None
         new_ids: list[int] = []
         new_vecs: list[np.ndarray] = []

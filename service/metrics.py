@@ -35,6 +35,35 @@ INGESTION_LAG_SECONDS = Gauge(
     "Age of the newest ingested embedding when it became searchable.",
     multiprocess_mode="livemax",
 )
+ENCODER_PASSES = Counter(
+    "backfill_query_encoder_passes_total",
+    "Encoder forward passes spent on queries, by path (two-pass spends two per query).",
+    ["path"],
+)
+PROBE_MAP = Gauge(
+    "backfill_probe_map",
+    "Live quality of the active rollout: mAP@k of its probe queries through the real query path.",
+    ["rollout_id", "path"],
+    multiprocess_mode="livemin",
+)
+PROBE_BASELINE_MAP = Gauge(
+    "backfill_probe_baseline_map",
+    "The same probe queries' mAP@k with the old model alone (old/old), measured when the rollout was planned.",
+    ["rollout_id"],
+    multiprocess_mode="livemax",
+)
+PROBE_MARGIN = Gauge(
+    "backfill_probe_margin",
+    "Live probe mAP@k minus its old/old baseline (below 0: worse than the old model alone).",
+    ["rollout_id", "path"],
+    multiprocess_mode="livemin",
+)
+PREDICTED_MARGIN = Gauge(
+    "backfill_predicted_margin",
+    "The pack's predicted mAP minus predicted old/old for the serving path at this process's backfilled fraction.",
+    ["rollout_id", "path"],
+    multiprocess_mode="livemin",
+)
 INGESTED_TOTAL = Counter("backfill_ingested_embeddings_total", "Embeddings moved into an index.", ["side"])
 SERVING_INFO = Gauge(
     "backfill_serving_info",

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from models.artifacts import ArtifactError, _read_manifest, artifact_checksum, discover
 from service.db import queries
 from service.db.models import CompatPack, ModelVersion
+from service.errors import Conflict, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +122,40 @@ class Catalog:
 def list_models(session: Session) -> Catalog:
     """Every model version and compat pack (the GET /models and `backfill models list` listing)."""
     return Catalog(queries.model_versions(session), queries.compat_packs(session))
+
+
+def add_encoder(session: Session, artifacts_dir: Path, source: Path) -> ModelVersion:
+    """Validate the encoder artifact in `source` (models/validate.py), place it at `<artifacts_dir>/<name>`
+    unless it is there already, and register it (status `registered`). Idempotent for the same artifact;
+    422 naming the problem for an invalid one, 409 for a name registered with another artifact. Nothing is
+    registered or placed unless every check passes."""
+    import shutil
+
+    from models.validate import InvalidArtifact, check_encoder
+
+    try:
+        encoder = check_encoder(source)
+    except InvalidArtifact as e:
+        raise InvalidRequest("model", str(e)) from e
+    checksum = artifact_checksum(source)
+    row = session.get(ModelVersion, encoder.name)
+    if row is not None:
+        if row.checksum == checksum:
+            return row
+        raise Conflict("name", f"model {encoder.name!r} is registered with another artifact; pick a new name")
+    target = (artifacts_dir / encoder.name).resolve()
+    if source.resolve() != target:
+        if target.exists():
+            raise Conflict("name", f"{target.name} exists in the artifacts folder with other contents")
+        shutil.copytree(source, target)
+    row = ModelVersion(
+        name=encoder.name,
+        dim=encoder.dim,
+        artifact_path=str(target),
+        checksum=checksum,
+        status="registered",
+        manifest=encoder.manifest,
+    )
+    session.add(row)
+    session.commit()
+    return row

@@ -27,12 +27,11 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import events
+from service import events, paths
 from service.config import Settings
 from service.db import queries
 from service.db.models import (
     ACTIVE_ROLLOUT_STATES,
-    MODES,
     POLICIES,
     BackfillTask,
     Embedding,
@@ -50,6 +49,7 @@ RATE_WINDOW_SECONDS = 60.0
 MAX_DRIVERS = 16
 PLAN_JOB = "worker.plan.plan_rollout"
 DRIVER_JOB = "worker.driver.drive_backfill"
+TRAIN_JOB = "worker.train.train_rollout"
 
 
 # --- reads -----------------------------------------------------------------------------------------------
@@ -194,15 +194,18 @@ def create_rollout(
     settings: Settings,
     *,
     to: str,
-    mode: str = "reverse",
+    mode: str = "auto",
     policy: str = "uncertainty",
     batch_size: int | None = None,
     max_items_per_second: float | None = None,
+    force: bool = False,
     r: redis.Redis | None = None,
 ) -> Rollout:
-    """Validate and insert a rollout in `planning`; the caller enqueues the plan job after this returns."""
-    if mode not in MODES:
-        raise InvalidRequest("mode", f"must be one of {', '.join(MODES)}")
+    """Validate and insert a rollout in `planning` (or `training` when the pair has no compat pack yet: a
+    worker trains one on the gallery first); the caller enqueues the next job after this returns.
+    `mode` is a preference: `auto` or a path (service/paths.py chooses or refuses it)."""
+    if mode not in paths.PREFERENCES:
+        raise InvalidRequest("mode", f"must be one of {', '.join(paths.PREFERENCES)}")
     if policy not in POLICIES:
         raise InvalidRequest("policy", f"must be one of {', '.join(POLICIES)}")
     if batch_size is not None and (isinstance(batch_size, bool) or not 1 <= batch_size <= 100_000):
@@ -216,22 +219,25 @@ def create_rollout(
         raise Conflict("to", "no model is serving; register artifacts first")
     if current.name == to:
         raise InvalidRequest("to", f"model {to!r} is already serving")
-    if queries.compat_pack(session, current.name, to) is None:
-        raise InvalidRequest("to", f"no compatibility pack from {current.name!r} to {to!r} is registered")
     running = queries.active_rollout(session)
     if running is not None:
         raise Conflict("rollout", f"rollout {running.id} is {running.status}; pause/abort it or wait")
+    if queries.compat_pack(session, current.name, to) is None:
+        choice, status = paths.while_training(mode, policy), "training"
+    else:
+        choice, status = paths.choose_path(session, settings, current.name, to, mode, policy, force), "planning"
     rollout = Rollout(
         from_version=current.name,
         to_version=to,
-        mode=mode,
-        policy=policy,
-        status="planning",
+        status=status,
         batch_size=batch_size or settings.batch_size,
         max_items_per_second=throttle,
         purge_on_abort=settings.purge_on_abort,
         active_lock=1,
     )
+    paths.apply_choice(rollout, choice, mode)
+    if status == "training":
+        rollout.training = {"sample": settings.train_sample, "sample_done": 0}
     session.add(rollout)
     try:
         session.commit()
@@ -244,9 +250,7 @@ def create_rollout(
 
 
 def _lock(session: Session, rollout_id: int) -> Rollout:
-    rollout = session.scalars(
-        sa.select(Rollout).where(Rollout.id == rollout_id).with_for_update().execution_options(populate_existing=True)
-    ).one_or_none()
+    rollout = queries.lock_rollout(session, rollout_id)
     if rollout is None:
         session.rollback()
         raise NotFound("id", f"rollout {rollout_id} does not exist")
@@ -259,7 +263,7 @@ def pause(session: Session, rollout_id: int, r: redis.Redis | None = None) -> Ro
     if rollout.status == "paused":
         session.commit()
         return rollout
-    if rollout.status not in ("planning", "running"):
+    if rollout.status not in ("training", "planning", "running"):
         session.rollback()
         raise Conflict("status", f"rollout {rollout_id} is {rollout.status}; only an active one can pause")
     rollout.status = "paused"
@@ -272,13 +276,16 @@ def resume(session: Session, rollout_id: int, r: redis.Redis | None = None) -> R
     """Back to running (or to planning when it was paused before its plan finished); the caller
     re-enqueues the plan or the drivers."""
     rollout = _lock(session, rollout_id)
-    if rollout.status in ("running", "planning"):
+    if rollout.status in ("training", "running", "planning"):
         session.commit()
         return rollout
     if rollout.status != "paused":
         session.rollback()
         raise Conflict("status", f"rollout {rollout_id} is {rollout.status}; only a paused one can resume")
-    rollout.status = "running" if rollout.started_at is not None else "planning"
+    if paths.still_training(rollout):
+        rollout.status = "training"
+    else:
+        rollout.status = "running" if rollout.started_at is not None else "planning"
     session.commit()
     _publish(r, rollout)
     return rollout
@@ -286,13 +293,37 @@ def resume(session: Session, rollout_id: int, r: redis.Redis | None = None) -> R
 
 def set_throttle(session: Session, rollout_id: int, max_items_per_second: float | None) -> Rollout:
     """Set (or clear with None) the rollout-wide rate limit; drivers read it before every batch."""
-    value = _validate_throttle(max_items_per_second)
+    return update(session, None, rollout_id, throttle=(max_items_per_second,))
+
+
+def update(
+    session: Session,
+    settings: Settings | None,
+    rollout_id: int,
+    *,
+    throttle: tuple[float | None] | None = None,
+    mode: str | None = None,
+    force: bool = False,
+    r: redis.Redis | None = None,
+) -> Rollout:
+    """`PATCH /rollouts/{id}` in one transaction: the throttle (`(value,)`, value None = clear) and/or the
+    path (`mode`: auto or a path, refused with 409 when predicted to dip unless `force`)."""
+    value = _validate_throttle(throttle[0]) if throttle is not None else None
     rollout = _lock(session, rollout_id)
     if rollout.status not in ACTIVE_ROLLOUT_STATES:
         session.rollback()
-        raise Conflict("status", f"rollout {rollout_id} is {rollout.status}; throttle applies to active ones")
-    rollout.max_items_per_second = value
+        raise Conflict("status", f"rollout {rollout_id} is {rollout.status}; only an active one can change")
+    if throttle is not None:
+        rollout.max_items_per_second = value
+    if mode is not None and settings is not None:
+        try:
+            paths.change_path(session, settings, rollout, mode, force, r)
+        except Exception:
+            session.rollback()
+            raise
     session.commit()
+    if mode is not None:
+        _publish(r, rollout)
     return rollout
 
 
@@ -434,6 +465,10 @@ def plan_job_id(rollout_id: int) -> str:
     return f"backfill-plan-{rollout_id}"
 
 
+def train_job_id(rollout_id: int) -> str:
+    return f"backfill-train-{rollout_id}"
+
+
 def driver_job_id(rollout_id: int, slot: int) -> str:
     return f"backfill-drive-{rollout_id}-{slot}"
 
@@ -497,7 +532,9 @@ def enqueue_drivers(r: redis.Redis, settings: Settings, rollout_id: int, slots: 
 
 def enqueue_for(r: redis.Redis, settings: Settings, rollout: Rollout) -> None:
     """Whatever job the rollout's status needs next (plan or drivers); nothing for a stopped one."""
-    if rollout.status == "planning":
+    if rollout.status == "training":
+        _enqueue_unique(r, settings, TRAIN_JOB, rollout.id, train_job_id(rollout.id))
+    elif rollout.status == "planning":
         enqueue_plan(r, settings, rollout.id)
     elif rollout.status == "running":
         enqueue_drivers(r, settings, rollout.id)

@@ -30,8 +30,9 @@ from service.db.models import ModelVersion
 from service.index import ExternalIds, IndexManager, IndexSet, Layout
 from service.ingest import Follower
 from service.merge import Hit, merge_topk
-from service.metrics import SEARCH_STAGE_SECONDS
+from service.metrics import ENCODER_PASSES, SEARCH_STAGE_SECONDS
 from service.model_cache import EncoderRef, ModelCache, PackRef, Pair
+from service.probe import Prober
 from service.redis_conn import make_redis
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Runtime:
     manager: IndexManager
     device: str
     follower: Follower | None = None
+    prober: Prober | None = None
     models: ModelCache = field(init=False)
     # What each registered name / pair stands for now; re-read every follower cycle (`refresh_models`), so a
     # re-registered compat pack is loaded by its new checksum without a DB read on the query path.
@@ -135,20 +137,28 @@ class Runtime:
         if follow:
             self.follower.start()
             threading.Thread(target=self._progress_loop, name="rollout-progress", daemon=True).start()
+            self.prober = Prober(self.sessionmaker, self.settings, self.search, self.redis)
+            self.prober.start()
 
     def _progress_loop(self) -> None:
-        """Keep the rollout gauges current even when no client polls /rollouts (dashboards read them)."""
+        """Keep the rollout gauges current even when no client polls /rollouts (dashboards read them), and
+        move an `auto` rollout along its predicted path schedule."""
+        from service.paths import follow_schedule
         from service.rollouts import refresh_progress_metrics
 
         while not self._stop.wait(self.progress_seconds):
             try:
                 with self.sessionmaker() as s:
-                    refresh_progress_metrics(s)
+                    view = refresh_progress_metrics(s)
+                    if view is not None:  # a scheduled path switch (two-pass early, one pass later)
+                        follow_schedule(s, view.rollout, view.fraction, self.redis)
             except Exception as e:  # the database may be down for a while; try again next time
                 log.debug("rollout progress refresh failed: %s", e)
 
     def stop(self) -> None:
         self._stop.set()
+        if self.prober is not None:
+            self.prober.stop()
         if self.follower is not None:
             self.follower.stop()
         with contextlib.suppress(Exception):
@@ -212,14 +222,18 @@ class Runtime:
             raise NotReady("no model is serving; register artifacts (`backfill models register DIR`)")
         return ix
 
-    def encode_queries(self, layout: Layout, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """ONE forward pass of the query model; psi (a small MLP) only for a reverse-mode OLD side."""
-        q = self.encoder(str(layout.query_model)).embed(images)
+    def encode_queries(self, layout: Layout, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The query vectors for NEW and OLD: one encoder pass on every path but two-pass (one per model);
+        psi (a small MLP) only for a reverse-mode OLD side."""
+        new_model, old_model = layout.new_model, layout.old_query_model
+        q_new = self.encoder(str(new_model)).embed(images) if new_model is not None else None
+        ENCODER_PASSES.labels(path=layout.mode or "none").inc(layout.encoder_passes * len(images))
         if not layout.in_rollout:
-            return q, None
-        if layout.mode == "reverse":
-            return q, self.compat(str(layout.from_model), str(layout.to_model)).reverse(q)
-        return q, q
+            return q_new, None
+        q_old = q_new if old_model == new_model else self.encoder(str(old_model)).embed(images)
+        if layout.mode == "reverse" and q_new is not None:
+            q_old = self.compat(str(layout.from_model), str(layout.to_model)).reverse(q_new)
+        return q_new, q_old
 
     def search(self, images: np.ndarray, k: int) -> tuple[list[list[SearchHit]], Serving]:
         """(N, 28, 28) uint8 query images -> per query the k nearest live items, and serving info."""
@@ -230,7 +244,7 @@ class Runtime:
         return self.search_vectors(ix, q_new, q_old, k)
 
     def search_vectors(
-        self, ix: IndexSet, q_new: np.ndarray, q_old: np.ndarray | None, k: int
+        self, ix: IndexSet, q_new: np.ndarray | None, q_old: np.ndarray | None, k: int
     ) -> tuple[list[list[SearchHit]], Serving]:
         lay = ix.layout
         with stage("search"):
@@ -239,8 +253,9 @@ class Runtime:
             od = oi = None
             if old is not None:
                 od, oi = old
-                pack = self.compat(str(lay.from_model), str(lay.to_model))
-                od = pack.calibrate(str(lay.mode), od)  # empty slots (id -1) are dropped by the merge
+                if lay.new_model is not None:  # on the old-only path nothing is merged: OLD is the answer
+                    pack = self.compat(str(lay.from_model), str(lay.to_model))
+                    od = pack.calibrate(str(lay.mode), od)  # empty slots (id -1) are dropped by the merge
             merged = merge_topk(nd, ni, od, oi, k)
             ext = self.manager.external_ids
             results = [[_hit(h, ext) for h in row if h.item_id in ext] for row in merged]

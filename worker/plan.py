@@ -15,6 +15,7 @@ from service import events
 from service import rollouts as domain
 from service.db import queries
 from service.db.models import BackfillTask, Embedding, Item, Rollout, utcnow
+from service.probe import plan_probe
 from worker.context import WorkerContext, get_context, heartbeat
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def plan_rollout(rollout_id: int) -> dict[str, Any]:
         if rollout is None:
             log.warning("plan: rollout %s vanished", rollout_id)
             return {"rollout_id": rollout_id, "planned": 0}
-        if rollout.started_at is not None or rollout.status not in ("planning", "paused"):
+        training = rollout.training is not None and not rollout.training.get("done")
+        if rollout.started_at is not None or rollout.status not in ("planning", "paused") or training:
             if rollout.status == "running":
                 domain.enqueue_drivers(ctx.redis, ctx.settings, rollout_id)
             return {"rollout_id": rollout_id, "planned": 0}
@@ -74,6 +76,7 @@ def plan_rollout(rollout_id: int) -> dict[str, Any]:
             dtype=np.int64,
         )
         priorities = compute_priorities(s, ctx, rollout, item_ids) if len(item_ids) else np.zeros(0)
+        probe = rollout.probe if rollout.probe is not None else plan_probe(s, rollout, ctx.settings)
         # Items that already have a target vector (added during the rollout) need no pass.
         done = np.isin(item_ids, already)
         # Rows are built one chunk at a time: the whole plan is three arrays of 8 bytes an item, not a dict each.
@@ -101,6 +104,7 @@ def plan_rollout(rollout_id: int) -> dict[str, Any]:
             .values(
                 started_at=now,
                 updated_at=now,
+                probe=probe,
                 status=sa.case((Rollout.status == "planning", "running"), else_=Rollout.status),
             )
         )

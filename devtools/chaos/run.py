@@ -106,7 +106,13 @@ class Chaos:
     def upgrade(self) -> int:
         """POST /upgrade, throttled so the chaos fits inside the rollout; waits for its first progress."""
         rate = max(5.0, self.s.items / self.cfg.chaos_seconds)
-        body = {"to": "v2", "policy": "uncertainty", "batch_size": self.cfg.batch_size, "max_items_per_second": rate}
+        body = {
+            "to": "v2",
+            "mode": "reverse",
+            "policy": "uncertainty",
+            "batch_size": self.cfg.batch_size,
+            "max_items_per_second": rate,
+        }
         ro = op(self.apis, "POST", "/upgrade", body)
         rid = self.s.rollout_id = int(ro["id"])
         self.t_rollout = time.monotonic()

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
-from service.api import errors, items, rollouts, search, system
+from service.api import errors, items, models, rollouts, search, system
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.config import Settings, get_settings
 from service.runtime import Runtime
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     errors.install(app)
     app.include_router(system.router)
+    app.include_router(models.router)
     app.include_router(search.router)
     app.include_router(items.router)
     app.include_router(rollouts.router)

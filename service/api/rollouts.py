@@ -1,4 +1,4 @@
-"""Rollout endpoints: POST /upgrade, GET /rollouts[/{id}], pause/resume/abort, PATCH throttle.
+"""Rollout endpoints: POST /upgrade, GET /rollouts[/{id}], pause/resume/abort/rollback, PATCH (throttle, path).
 
 Handlers validate, call one function of `service.rollouts`, enqueue the follow-up job after that function's
 commit, and shape the response; a refused operation raises the domain's error, which the app's handler
@@ -13,13 +13,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, status
 from sqlalchemy.orm import Session
 
+from service import rollback as rollback_domain
 from service import rollouts as domain
 from service.api.deps import ApiKeyDep, OperatorDep, RuntimeDep, SessionDep
 from service.api.schemas import (
     AbortRequest,
     RolloutOut,
+    RolloutPatch,
     RolloutsOut,
-    ThrottleRequest,
     UpgradeRequest,
     error_responses,
 )
@@ -68,6 +69,7 @@ def upgrade(body: UpgradeRequest, session: SessionDep, runtime: RuntimeDep) -> R
         policy=body.policy,
         batch_size=body.batch_size,
         max_items_per_second=body.max_items_per_second,
+        force=body.force,
         r=runtime.redis,
     )
     _enqueue(runtime, rollout)
@@ -132,12 +134,29 @@ def abort(
     return _view(session, rollout)
 
 
+@router.post(
+    "/rollouts/{rollout_id}/rollback",
+    response_model=RolloutOut,
+    dependencies=[OperatorDep],
+    responses=_CONTROL,
+)
+def rollback(rollout_id: RolloutId, session: SessionDep, runtime: RuntimeDep) -> RolloutOut:
+    """After completion: the previous model serves again from its retained vectors (no re-encoding); 409 once
+    they are swept, for items added since, or when it is not the newest upgrade."""
+    return _view(session, rollback_domain.rollback(session, rollout_id, r=runtime.redis))
+
+
 @router.patch(
     "/rollouts/{rollout_id}",
     response_model=RolloutOut,
     dependencies=[OperatorDep],
     responses=_CONTROL,
 )
-def throttle(rollout_id: RolloutId, body: ThrottleRequest, session: SessionDep) -> RolloutOut:
-    """Set or clear (null) the rollout's rate limit in items per second."""
-    return _view(session, domain.set_throttle(session, rollout_id, body.max_items_per_second))
+def patch_rollout(rollout_id: RolloutId, body: RolloutPatch, session: SessionDep, runtime: RuntimeDep) -> RolloutOut:
+    """Set or clear (null) the rollout's rate limit in items per second, and/or move it to another query
+    path (`mode`: auto or a path; 409 with the predicted dip unless `force`)."""
+    throttle = (body.max_items_per_second,) if "max_items_per_second" in body.model_fields_set else None
+    rollout = domain.update(
+        session, runtime.settings, rollout_id, throttle=throttle, mode=body.mode, force=body.force, r=runtime.redis
+    )
+    return _view(session, rollout)

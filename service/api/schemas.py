@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
+from models.paths import ENCODER_PASSES
 from service.db.models import CompatPack, ModelVersion
 from service.gallery import ItemInfo
 from service.registry import Catalog
@@ -110,6 +111,10 @@ class CompatPackOut(BaseModel):
     artifact: str = Field(description="The artifact's folder name (no server paths are published).")
     metrics: dict[str, Any] | None
     calibrated_modes: list[str]
+    predictions: dict[str, Any] | None = Field(
+        description="Predicted backfill curves (mAP@k per fraction) of every query path x order on the pack's "
+        "probe set, with old/old and new/new there; what `mode: auto` chooses from (models/paths.py)."
+    )
 
     @classmethod
     def of(cls, p: CompatPack) -> CompatPackOut:
@@ -121,7 +126,16 @@ class CompatPackOut(BaseModel):
             artifact=PurePath(p.artifact_path).name,
             metrics=manifest.get("metrics"),
             calibrated_modes=sorted((manifest.get("calibration") or {}).keys()),
+            predictions=manifest.get("predictions"),
         )
+
+
+class ModelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    dim: int = Field(ge=1, le=65_536, description="The embedding dimension the module outputs.")
+    model_b64: str = Field(min_length=1, description="The TorchScript file (`torch.jit.save`), base64.")
 
 
 class ModelsOut(BaseModel):
@@ -243,22 +257,49 @@ class UpgradeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     to: str = Field(min_length=1, max_length=64, description="Registered model to upgrade to.")
-    mode: Literal["reverse", "forward"] = "reverse"
-    policy: Literal["uncertainty", "random", "fifo"] = "uncertainty"
+    mode: Literal["auto", "reverse", "forward", "two-pass", "old-only"] = Field(
+        "auto",
+        description="Query path preference: `auto` takes the path with the highest predicted AUC that never "
+        "falls below old/old; an explicit path predicted to dip is refused with 409 unless `force`.",
+    )
+    policy: Literal["uncertainty", "random", "fifo"] = Field(
+        "uncertainty",
+        description="Backfill order; `uncertainty` falls back to `random` where it is not predicted to beat it.",
+    )
     batch_size: int | None = Field(None, ge=1, le=100_000)
     max_items_per_second: float | None = Field(None, gt=0, allow_inf_nan=False)
+    force: bool = Field(False, description="Take an explicit path even where it is predicted to dip.")
 
 
-class ThrottleRequest(BaseModel):
+class RolloutPatch(BaseModel):
+    """Only the fields present change: the throttle (null clears it) and/or the query path."""
+
     model_config = ConfigDict(extra="forbid")
 
-    max_items_per_second: float | None = Field(..., gt=0, allow_inf_nan=False)
+    max_items_per_second: float | None = Field(None, gt=0, allow_inf_nan=False)
+    mode: Literal["auto", "reverse", "forward", "two-pass", "old-only"] | None = None
+    force: bool = False
 
 
 class AbortRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     purge: bool | None = Field(None, description="Delete the target model's embeddings (default: setting).")
+
+
+class PathOut(BaseModel):
+    requested: str | None = Field(description="What /upgrade or PATCH asked for: auto or a path.")
+    serving: str = Field(description="The path queries take now (= `mode`).")
+    reason: str | None = Field(description="Why this path and order serve.")
+    encoder_passes: int = Field(description="Encoder passes per query on this path.")
+    predicted: dict[str, Any] | None = Field(
+        description="The pack's predicted curve for this path and order (map per fraction, auc, relative_gain, "
+        "worst_margin against old/old at worst_fraction, old_old)."
+    )
+    probe: dict[str, Any] | None = Field(
+        description="The live probe: queries, k, baseline_map (old/old), last live_map and when it ran."
+    )
+    guard: dict[str, Any] | None = Field(description="The guard's last intervention (paused and fell back).")
 
 
 class RolloutOut(BaseModel):
@@ -281,6 +322,11 @@ class RolloutOut(BaseModel):
     updated_at: Timestamp
     finished_at: Timestamp | None
     error: str | None
+    path: PathOut
+    training: dict[str, Any] | None = Field(
+        description="The training phase of a pair without a compat pack: sample, sample_done (items of the "
+        "sample with a target vector), timings, done."
+    )
 
     @classmethod
     def of(cls, view: RolloutView) -> RolloutOut:
@@ -305,7 +351,22 @@ class RolloutOut(BaseModel):
             updated_at=r.updated_at,
             finished_at=r.finished_at,
             error=r.error,
+            path=PathOut(
+                requested=r.requested_mode,
+                serving=r.mode,
+                reason=r.path_reason,
+                encoder_passes=ENCODER_PASSES[r.mode],
+                predicted=r.predicted,
+                probe=_probe_view(r.probe),
+                guard=r.guard,
+            ),
+            training=r.training,
         )
+
+
+def _probe_view(probe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The probe without its item list (ids are internal)."""
+    return None if probe is None else {key: val for key, val in probe.items() if key != "items"}
 
 
 class RolloutsOut(BaseModel):

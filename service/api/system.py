@@ -1,4 +1,4 @@
-"""Operational endpoints: /healthz, /readyz, /metrics, GET /models."""
+"""Operational endpoints: /healthz, /readyz, /metrics."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import ApiKeyDep, RuntimeDep, SessionDep
-from service.api.schemas import HealthOut, ModelsOut, ReadyOut, ReadyServing, error_responses
+from service.api.deps import RuntimeDep
+from service.api.schemas import HealthOut, ReadyOut, ReadyServing
 from service.metrics import registry
-from service.registry import list_models
 
 router = APIRouter(tags=["system"])
 
@@ -73,9 +72,3 @@ def readyz(runtime: RuntimeDep, response: Response) -> ReadyOut:
 def metrics() -> Response:
     """Prometheus exposition (aggregated across workers when PROMETHEUS_MULTIPROC_DIR is set)."""
     return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
-
-
-@router.get("/models", response_model=ModelsOut, dependencies=[ApiKeyDep], responses=error_responses(401, 503))
-def models(session: SessionDep) -> ModelsOut:
-    """Registered model versions and compatibility packs."""
-    return ModelsOut.of(list_models(session))

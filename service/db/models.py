@@ -39,9 +39,9 @@ NAMING_CONVENTION = {
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 
 ROLLOUT_STATES = ("planning", "running", "paused", "completed", "aborted", "failed")
-ACTIVE_ROLLOUT_STATES = ("planning", "running", "paused")
+ACTIVE_ROLLOUT_STATES = ("training", "planning", "running", "paused")
 TASK_STATES = ("pending", "leased", "done", "failed")
-MODES = ("reverse", "forward")
+MODES = ("reverse", "forward", "two-pass", "old-only")  # the query paths of models/paths.py
 POLICIES = ("uncertainty", "random", "fifo")
 
 
@@ -162,14 +162,26 @@ class Rollout(Base):
     # so two concurrent /upgrade calls give one 202 and one 409 (NULLs never collide).
     active_lock: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The path: what the operator asked for (`auto` or a path), why `mode` was chosen, the pack's predicted
+    # curve of that path; the live probe (item ids, old/old baseline) and the guard's last intervention.
+    requested_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    path_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    predicted: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    probe: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    guard: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The training phase (a pair without a compat pack): sample size, progress, timings; "done" once trained.
+    training: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
-        CheckConstraint("status IN ('planning', 'running', 'paused', 'completed', 'aborted', 'failed')", name="status"),
-        CheckConstraint("mode IN ('reverse', 'forward')", name="mode"),
+        CheckConstraint(
+            "status IN ('training', 'planning', 'running', 'paused', 'completed', 'aborted', 'failed', 'rolled_back')",
+            name="status",
+        ),
+        CheckConstraint("mode IN ('reverse', 'forward', 'two-pass', 'old-only')", name="mode"),
         CheckConstraint("policy IN ('uncertainty', 'random', 'fifo')", name="policy"),
         CheckConstraint("active_lock IS NULL OR active_lock = 1", name="active_lock"),
     )

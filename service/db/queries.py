@@ -21,6 +21,12 @@ def active_rollout(session: Session) -> Rollout | None:
     return session.scalars(sa.select(Rollout).where(Rollout.active_lock == 1)).one_or_none()
 
 
+def lock_rollout(session: Session, rollout_id: int) -> Rollout | None:
+    """The rollout row, locked FOR UPDATE until the transaction ends (re-read, not from the identity map)."""
+    stmt = sa.select(Rollout).where(Rollout.id == rollout_id).with_for_update()
+    return session.scalars(stmt.execution_options(populate_existing=True)).one_or_none()
+
+
 def compat_pack(session: Session, from_version: str, to_version: str) -> CompatPack | None:
     """The compatibility pack registered for the pair (the pair is unique), or None."""
     return session.scalars(

@@ -25,5 +25,8 @@ def test_reduced_demo_matches_offline_harness(pg: str, redis_url: str, tmp_path:
         assert abs(p.live_map - p.offline_map) <= 0.01, p
         assert abs(p.live_top1 - p.offline_top1) <= 0.01, p
     assert result.points[-1].live_map == pytest.approx(result.new_new, abs=1e-6)
+    # `auto` (the default path) never serves below the old model alone, fraction 0 included
+    assert min(p.live_map for p in result.points) >= result.old_old - 0.002
+    assert result.points[0].path == result.mode
     for name in ("curve.json", "curve.png", "curve.md"):
         assert (tmp_path / "demo" / name).stat().st_size > 0

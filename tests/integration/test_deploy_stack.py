@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 from models.preprocess import encode_png
+from tests.helpers import wait_until
 from tests.unit.test_deploy import (
     PROMETHEUS_FILE,
     backfill_executable,
@@ -163,22 +163,25 @@ def render_prometheus_config(targets: dict[str, str], interval: str = "1s") -> d
 
 
 def _wait_http(url: str, procs: list[Proc], timeout: float, ok: tuple[int, ...] = (200,)) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
+    last = [""]
+
+    def up() -> bool:
         for p in procs:
             if not p.alive():
                 pytest.fail(f"{p.name} exited ({p.p.returncode}) while waiting for {url}:\n{p.tail()}")
         try:
             r = httpx.get(url, timeout=2.0)
-            if r.status_code in ok:
-                return
-            last = f"{r.status_code} {r.text[:300]}"
         except httpx.HTTPError as e:
-            last = repr(e)
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in procs)
-    pytest.fail(f"{url} not ready after {timeout:.0f}s (last: {last})\n{logs}")
+            last[0] = repr(e)
+            return False
+        last[0] = f"{r.status_code} {r.text[:300]}"
+        return r.status_code in ok
+
+    def report() -> str:
+        logs = "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in procs)
+        return f"{url} not ready (last: {last[0]})\n{logs}"
+
+    wait_until(up, timeout=timeout, interval=0.3, message=report)
 
 
 def _query(prom: str, expr: str) -> list[dict[str, Any]]:
@@ -191,6 +194,11 @@ def _query(prom: str, expr: str) -> list[dict[str, Any]]:
 
 def _has_finite_value(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(s["value"][1])) for s in result)
+
+
+def _target_health(prom: str) -> dict[str, tuple[str, str]]:
+    targets = httpx.get(f"{prom}/api/v1/targets", timeout=5.0).json()["data"]["activeTargets"]
+    return {t["labels"]["job"]: (t["health"], t.get("lastError", "")) for t in targets}
 
 
 @pytest.fixture
@@ -216,6 +224,9 @@ def test_dashboard_queries_return_data_for_a_live_rollout(
         "BACKFILL_DATA_DIR": str(tmp_path / "data"),
         "BACKFILL_QUEUE_NAME": f"deploy-test-{uuid.uuid4().hex[:8]}",  # never share jobs with other tests
         "BACKFILL_USE_GPU": "false",
+        # the live probe measures every second so its panels have data; this test is not about the guard
+        "BACKFILL_PROBE_INTERVAL_SECONDS": "1",
+        "BACKFILL_GUARD_MARGIN": "1",
     }
     exe = backfill_executable()
 
@@ -279,7 +290,7 @@ def test_dashboard_queries_return_data_for_a_live_rollout(
         r = client.post(
             "/items",
             headers=AUTH,
-            json={"items": [{"id": f"img-{i}", "image_b64": b} for i, b in enumerate(images)]},
+            json={"items": [{"id": f"img-{i}", "image_b64": b, "label": i % 3} for i, b in enumerate(images)]},
         )
         assert r.status_code == 200, r.text
         assert len(r.json()["created"]) == N_ITEMS
@@ -301,41 +312,48 @@ def test_dashboard_queries_return_data_for_a_live_rollout(
             r = client.post("/upgrade", headers=AUTH, json={"to": "v2", "batch_size": 8, "max_items_per_second": 8})
             assert r.status_code == 202, r.text
             rollout_id = r.json()["id"]
-            deadline = time.monotonic() + ROLLOUT_TIMEOUT
-            while True:
-                ro = client.get(f"/rollouts/{rollout_id}").json()  # also refreshes the API's rollout gauges
-                if ro["status"] in ("completed", "aborted", "failed"):
-                    break
-                if time.monotonic() > deadline or not worker.alive():
-                    pytest.fail(f"rollout did not complete: {ro}\n--- worker ---\n{worker.tail()}")
-                time.sleep(0.5)
+            ro: dict[str, Any] = {}
+
+            def finished() -> bool:
+                ro.update(client.get(f"/rollouts/{rollout_id}").json())  # also refreshes the rollout gauges
+                if not worker.alive():
+                    pytest.fail(f"worker exited: {ro}\n--- worker ---\n{worker.tail()}")
+                return ro["status"] in ("completed", "aborted", "failed")
+
+            wait_until(
+                finished,
+                timeout=ROLLOUT_TIMEOUT,
+                interval=0.5,
+                message=lambda: f"rollout did not complete: {ro}\n--- worker ---\n{worker.tail()}",
+            )
             assert ro["status"] == "completed", ro
             assert ro["done"] == N_ITEMS, ro
 
             # Every dashboard expression must come back with at least one finite sample.
             exprs = {e: to_promql(e) for e in dashboard_expressions()}
             missing: dict[str, str] = {}
-            deadline = time.monotonic() + DATA_TIMEOUT
-            while True:
+
+            def all_have_data() -> bool:
                 client.get(f"/rollouts/{rollout_id}")
-                missing = {}
+                missing.clear()
                 for expr, promql in exprs.items():
                     result = _query(prom, promql)
                     if not _has_finite_value(result):
                         missing[expr] = str(result)[:200]
-                if not missing or time.monotonic() > deadline:
-                    break
-                time.sleep(1.0)
+                return not missing
+
+            def no_data() -> str:
+                return (
+                    "dashboard expressions without data:\n"
+                    + "\n".join(f"  {e}  ->  {v}" for e, v in missing.items())
+                    + f"\ntargets: {_target_health(prom)}"
+                )
+
+            wait_until(all_have_data, timeout=DATA_TIMEOUT, interval=1.0, message=no_data)
         finally:
             stop_search.set()
             searcher.join(timeout=10)
 
-    targets = httpx.get(f"{prom}/api/v1/targets", timeout=5.0).json()["data"]["activeTargets"]
-    health = {t["labels"]["job"]: (t["health"], t.get("lastError", "")) for t in targets}
-    assert not missing, (
-        "dashboard expressions without data:\n"
-        + "\n".join(f"  {e}  ->  {v}" for e, v in missing.items())
-        + f"\ntargets: {health}"
-    )
+    health = _target_health(prom)
     assert all(h == "up" for h, _ in health.values()), health
     assert not search_errors, search_errors[:5]

@@ -57,6 +57,8 @@ ROLLOUT_KEYS = {
     "updated_at",
     "finished_at",
     "error",
+    "path",
+    "training",
 }
 
 
@@ -147,14 +149,19 @@ def test_upgrade_validation_names_the_field(client: TestClient, body: dict[str, 
     assert client.get("/rollouts").json()["rollouts"] == []
 
 
-def test_missing_compat_pack_is_refused(client: TestClient, db: sa.orm.sessionmaker[Session]) -> None:
+def test_missing_compat_pack_starts_a_training_phase(
+    client: TestClient, db: sa.orm.sessionmaker[Session], s: Settings
+) -> None:
     from service.db import CompatPack
 
     with db() as session:
         session.execute(sa.delete(CompatPack))
         session.commit()
     r = client.post("/upgrade", json={"to": "v2"}, headers=AUTH)
-    assert r.status_code == 422 and r.json()["detail"]["field"] == "to" and "compat" in r.json()["detail"]["problem"]
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["status"] == "training" and body["mode"] == "old-only" and body["training"]["sample_done"] == 0
+    assert _queued_ids(s) == [domain.train_job_id(body["id"])]
 
 
 def test_mutations_need_the_operator_token(client: TestClient) -> None:

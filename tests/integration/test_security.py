@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from devtools.fakes import make_artifacts
 from models.preprocess import encode_png
 from service.api.app import create_app
 from service.config import REPO_ROOT, Settings
+from tests.helpers import wait_until
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -89,6 +89,7 @@ def test_every_mutating_route_requires_the_operator_token(client: TestClient) ->
         ("POST", "/rollouts/{rollout_id}/pause"),
         ("POST", "/rollouts/{rollout_id}/resume"),
         ("POST", "/rollouts/{rollout_id}/abort"),
+        ("POST", "/rollouts/{rollout_id}/rollback"),
         ("PATCH", "/rollouts/{rollout_id}"),
     }
     assert expected <= set(routes), routes
@@ -184,16 +185,15 @@ def test_token_never_appears_in_server_logs(sec_settings: Settings, tmp_path: Pa
         )
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
+
+            def ready() -> bool:
                 assert proc.poll() is None, log_path.read_text()
                 try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
+                    return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
                 except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.3)
+                    return False
+
+            wait_until(ready, timeout=60, interval=0.3, message=log_path.read_text)
             auth = {"Authorization": f"Bearer {TOKEN}"}
             with httpx.Client(base_url=base, timeout=30) as c:
                 r = c.post("/items", json={"items": [{"id": "a", "image_b64": _b64()}]}, headers=auth)
