@@ -62,10 +62,20 @@ class DemoResult:
     path_reason: str = ""
     predicted: dict[str, Any] | None = None  # the pack's predicted curve for the chosen path (its probe set)
     guard: dict[str, Any] | None = None  # set when the live guard paused the rollout and fell back
+    training: dict[str, Any] | None = None  # the training phase, when the pair had no compat pack
 
     @property
     def auc(self) -> float:
         return float(np.mean([p.live_map for p in self.points])) if self.points else float("nan")
+
+    def predicted_gap(self) -> float | None:
+        """Largest |predicted - live| mAP over the points (the prediction is on the pack's probe set,
+        interpolated at each point's fraction); None without a prediction."""
+        if not self.predicted or not self.points:
+            return None
+        pred = np.asarray(self.predicted["map"], dtype=np.float64)
+        grid = np.linspace(0.0, 1.0, len(pred))
+        return float(max(abs(np.interp(p.fraction, grid, pred) - p.live_map) for p in self.points))
 
     def summary(self) -> dict[str, Any]:
         live = [p.live_map for p in self.points]
@@ -77,6 +87,7 @@ class DemoResult:
             "largest_negative_flip": min([0.0, *flips]),
             "lowest_vs_old_old": min(live, default=self.old_old) - self.old_old,
             "max_live_offline_gap": max((abs(p.live_map - p.offline_map) for p in self.points), default=0.0),
+            "max_predicted_live_gap": self.predicted_gap(),
         }
 
 
@@ -208,6 +219,7 @@ def _stack_env(settings: Settings, data_dir: Path, old: str = "v1") -> dict[str,
         BACKFILL_METRICS_PORT="0",
         BACKFILL_LOG_LEVEL="WARNING",
         BACKFILL_MAX_K="128",  # leave-one-out needs k + 1
+        BACKFILL_TRAIN_SAMPLE=str(settings.train_sample),
     )
     if settings.database_url:
         env["BACKFILL_DATABASE_URL"] = settings.database_url
@@ -235,12 +247,12 @@ class _Gallery:
         self.id_index = {s: i for i, s in enumerate(self.ids)}
         self.payloads = [_b64(img) for img in self.images]
 
-    def load(self, client: Client, progress: bool) -> None:
+    def load(self, client: Client, progress: bool, labels: bool = True) -> None:
         """POST /items in chunks of 500 (v1 serving)."""
         bar = tqdm(total=len(self.images), desc="loading gallery", unit="img", disable=not progress)
         for i in range(0, len(self.images), 500):
             chunk = [
-                {"id": self.ids[j], "image_b64": self.payloads[j], "label": int(self.labels[j])}
+                {"id": self.ids[j], "image_b64": self.payloads[j]} | ({"label": int(self.labels[j])} if labels else {})
                 for j in range(i, min(i + 500, len(self.images)))
             ]
             client.post("/items", {"items": chunk})
@@ -265,6 +277,41 @@ def _measurer(
         return live_map, live_top1, off_map, off_top1
 
     return measure
+
+
+def _old_only_point(client: Client, gallery: _Gallery, artifacts_dir: Path, old: str, result: DemoResult) -> Point:
+    """The fraction-0 point of a rollout in its training phase (served old-only): measured live, and offline
+    as old/old from the old encoder alone (the pack the offline harness needs does not exist yet)."""
+    from models import evaluate
+    from models.artifacts import load_encoder
+
+    t0 = time.monotonic()
+    _wait_ingested(client, gallery.payloads[0], 0.0, "old-only")
+    ranked_ext, _ = client.search_all(gallery.payloads, 101)
+    idx = gallery.id_index
+    ranked = [[idx[x] for x in row if idx[x] != q][:100] for q, row in enumerate(ranked_ext)]
+    live_map, live_top1 = evaluate.ranked_metrics(ranked, gallery.labels, 100)
+    v_old = load_encoder(Path(artifacts_dir) / old).embed(gallery.images)
+    ev = evaluate.Evaluator(np.asarray(gallery.labels), v_old, {"raw": evaluate.Space(v_old, v_old)}, 100)
+    off_map, off_top1 = ev.single("raw")
+    total = len(gallery.images)
+    return Point(0.0, 0, total, live_map, live_top1, off_map, off_top1, time.monotonic() - t0, "old-only")
+
+
+def _train_then_pause(client: Client, rid: int, say: Callable[..., Any], timeout: float = 1800.0) -> dict[str, Any]:
+    """Wait for the worker to train the pair's pack on the gallery, then pause the rollout."""
+    deadline = time.monotonic() + timeout
+    state = client.rollout(rid)
+    while state["status"] == "training":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"training did not finish: {state['training']}")
+        time.sleep(0.5)
+        state = client.rollout(rid)
+    if state["status"] not in ("planning", "running", "paused"):
+        raise RuntimeError(f"rollout ended {state['status']} in training: {state.get('error')}")
+    client.post(f"/rollouts/{rid}/pause")
+    say(f"trained the compat pack on the gallery: {state['training']}")
+    return client.rollout(rid)
 
 
 def _scheduled(client: Client, rid: int, state: dict[str, Any], fraction: float, timeout: float = 30.0) -> str:
@@ -297,6 +344,9 @@ def _measure_points(
     for target in targets:
         t0 = time.monotonic()
         state = _advance_to(client, rid, target, engine)
+        if result.points and state["status"] != "completed" and state["done"] == result.points[-1].done:
+            bar.update(1)  # already past this target (a training sample starts backfilled): no new point
+            continue
         in_new = _backfilled_mask(engine, gallery.id_index, state["to"])
         fraction = state["done"] / max(state["total"], 1)
         path = None if state["status"] == "completed" else _scheduled(client, rid, state, fraction)
@@ -320,6 +370,7 @@ def run_demo(
     old: str = "v1",
     new: str = "v2",
     offset: int = 0,
+    unlabelled: bool = False,
 ) -> DemoResult:
     """Run the whole demo; returns the measured curve (also written under `out`)."""
     from models import evaluate
@@ -351,13 +402,21 @@ def run_demo(
         s.start_api()
         client = Client(s.url, DEMO_TOKEN)
         client.wait_ready(procs=s.procs)
-        gallery.load(client, progress)
+        gallery.load(client, progress, labels=not unlabelled)
 
         # Upgrade and pause before any worker runs, so the first point is fraction 0 exactly; the
-        # worker then plans the rollout and waits for each resume. `auto` resolves to a path here.
+        # worker then plans the rollout and waits for each resume. `auto` resolves to a path here. A pair
+        # without a compat pack trains one on the gallery first: the worker runs that phase, then the
+        # rollout pauses (the training sample stays backfilled, so the first point is past 0).
         rollout = client.post("/upgrade", {"to": new, "mode": mode, "policy": policy, "batch_size": batch_size})
         rid = int(rollout["id"])
-        client.post(f"/rollouts/{rid}/pause")
+        if rollout["status"] == "training":
+            result.points.append(_old_only_point(client, gallery, settings.artifacts_dir, old, result))
+            s.start_worker()
+            rollout = _train_then_pause(client, rid, say)
+            result.training = rollout["training"]
+        else:
+            client.post(f"/rollouts/{rid}/pause")
         result.mode, result.policy = rollout["mode"], rollout["policy"]
         result.path_reason, result.predicted = rollout["path"]["reason"] or "", rollout["path"]["predicted"]
         say(f"rollout {rid}: path {rollout['mode']}, order {rollout['policy']} ({rollout['path']['reason']})")
@@ -369,7 +428,8 @@ def run_demo(
 
         engine = _db_engine(settings.database_url, data_dir)
         stack.callback(engine.dispose)
-        s.start_worker()
+        if result.training is None:
+            s.start_worker()
         _measure_points(client, rid, engine, gallery, measure, result, n_points, progress)
         result.guard = client.rollout(rid)["path"]["guard"]
     result.seconds = time.monotonic() - t_start
@@ -473,6 +533,10 @@ def write_outputs(result: DemoResult, out: Path) -> None:
     (out / "curve.md").write_text(table(result))
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def table(result: DemoResult) -> str:
     s = result.summary()
     lines = [
@@ -488,8 +552,15 @@ def table(result: DemoResult) -> str:
     lines.append(
         f"old/old {result.old_old:.4f}, new/new {result.new_new:.4f}; live AUC {s['auc']:.4f}, relative gain "
         f"{s['relative_gain']:.3f}, largest negative flip {s['largest_negative_flip']:.4f}, lowest point vs "
-        f"old/old {s['lowest_vs_old_old']:+.4f}, largest live-offline gap {s['max_live_offline_gap']:.4f}; "
+        f"old/old {s['lowest_vs_old_old']:+.4f}, largest live-offline gap {s['max_live_offline_gap']:.4f}, "
+        f"largest predicted-live gap {_fmt(s['max_predicted_live_gap'])}; "
         f"{result.seconds:.0f} s in all. Pair {result.pair}, path {result.mode} / {result.policy}: {result.path_reason}"
+        + (
+            f" Training phase (compat pack trained on the gallery): sample {result.training.get('sample')}, "
+            f"{result.training.get('seconds')} s."
+            if result.training
+            else ""
+        )
     )
     return "\n".join(lines) + "\n"
 
@@ -505,6 +576,10 @@ def demo(
     old: str = typer.Option("v1", help="The model serving at the start (under --artifacts)."),
     new: str = typer.Option("v2", help="The model to upgrade to (under --artifacts)."),
     offset: int = typer.Option(0, min=0, help="First test image of the gallery."),
+    unlabelled: bool = typer.Option(
+        False, help="Load the gallery without labels (the service trains label-free; the demo still scores)."
+    ),
+    train_sample: int | None = typer.Option(None, min=20, help="BACKFILL_TRAIN_SAMPLE for a pair without a pack."),
 ) -> None:
     """Run the live upgrade demo on embedded defaults and write runs/demo/curve.{json,png,md}."""
     from models.data import DatasetMissing
@@ -513,7 +588,9 @@ def demo(
     if artifacts is not None:
         settings = settings.model_copy(update={"artifacts_dir": artifacts.resolve()})
     try:
-        result = run_demo(settings, out, items, points, mode, policy, batch_size, True, old, new, offset)
+        if train_sample is not None:
+            settings = settings.model_copy(update={"train_sample": train_sample})
+        result = run_demo(settings, out, items, points, mode, policy, batch_size, True, old, new, offset, unlabelled)
     except DatasetMissing as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from e

@@ -218,7 +218,9 @@ def train_rollout(rollout_id: int) -> dict[str, Any]:
             return {"rollout_id": rollout_id, "trained": False}
         from_to = (rollout.from_version, rollout.to_version)
         info: dict[str, Any] = dict(rollout.training or {})
-        if queries.compat_pack(s, *from_to) is None:
+        has_pack = queries.compat_pack(s, *from_to) is not None
+        s.rollback()  # no transaction stays open (holding back the ingestion horizon) through the training
+        if not has_pack:
             path, fit_info = fit_gallery_pack(ctx, from_to, rollout_id, lambda done: _progress(ctx, rollout_id, done))
             info.update(fit_info)
             if path is None:
