@@ -90,6 +90,7 @@ def test_every_mutating_route_requires_the_operator_token(client: TestClient) ->
         ("POST", "/rollouts/{rollout_id}/resume"),
         ("POST", "/rollouts/{rollout_id}/abort"),
         ("POST", "/rollouts/{rollout_id}/rollback"),
+        ("POST", "/models"),
         ("PATCH", "/rollouts/{rollout_id}"),
     }
     assert expected <= set(routes), routes
