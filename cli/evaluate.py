@@ -16,14 +16,16 @@ from service.config import REPO_ROOT
 eval_app = typer.Typer(help="Offline evaluation harness (backfill curves) and path predictions.", no_args_is_help=True)
 
 ARTIFACTS_OPT = typer.Option(REPO_ROOT / "artifacts", "--artifacts", help="Artifacts directory.")
+OLD_OPT = typer.Option("v1", help="Old encoder.")
+NEW_OPT = typer.Option("v2", help="New encoder.")
 
 
 @eval_app.command("curve")
 def eval_curve_cmd(
     out: Path = typer.Option(REPO_ROOT / "runs" / "eval", "--out", help="Output folder (curve.json/png/md)."),
     artifacts: Path = ARTIFACTS_OPT,
-    old: str = typer.Option("v1", help="Old encoder."),
-    new: str = typer.Option("v2", help="New encoder."),
+    old: str = OLD_OPT,
+    new: str = NEW_OPT,
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist (test split) or digits."),
     data_dir: Path | None = DATA_OPT,
     items: int = typer.Option(10_000, min=10, help="Gallery size (first N test images)."),
@@ -50,8 +52,8 @@ def eval_curve_cmd(
 @eval_app.command("predict")
 def eval_predict_cmd(
     artifacts: Path = ARTIFACTS_OPT,
-    old: str = typer.Option("v1", help="Old encoder."),
-    new: str = typer.Option("v2", help="New encoder."),
+    old: str = OLD_OPT,
+    new: str = NEW_OPT,
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist or digits (training split)."),
     data_dir: Path | None = DATA_OPT,
     probe: int = typer.Option(5000, min=50, help="Probe set: the last N images of the training split."),

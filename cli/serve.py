@@ -1,14 +1,20 @@
-"""`backfill serve`, `backfill models register|list`."""
+"""`backfill serve`, `backfill models register|add|list`."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from service.config import get_settings
+from service.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 models_app = typer.Typer(help="Model versions and compatibility packs.", no_args_is_help=True)
 
@@ -43,11 +49,27 @@ def serve(
     )
 
 
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    """A session on the configured database (migrated to head first on SQLite), disposed afterwards."""
+    from service.db import make_engine, make_sessionmaker
+
+    if settings.is_sqlite:
+        from service.db.migrate import upgrade_head
+
+        upgrade_head(settings)
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            yield s
+    finally:
+        engine.dispose()
+
+
 @models_app.command("register")
 def models_register(directory: Path = typer.Argument(..., exists=True, file_okay=False)) -> None:
     """Register the encoders and compat packs found in DIRECTORY, the artifacts folder (idempotent)."""
     from models.artifacts import discover
-    from service.db import make_engine, make_sessionmaker
     from service.registry import register_artifacts
 
     if (directory / "manifest.json").is_file():
@@ -62,16 +84,8 @@ def models_register(directory: Path = typer.Argument(..., exists=True, file_okay
         typer.echo(f"no encoders or compat packs under {directory} (each is a folder with manifest.json)", err=True)
         raise typer.Exit(2)
     settings = get_settings()
-    if settings.is_sqlite:
-        from service.db.migrate import upgrade_head
-
-        upgrade_head(settings)
-    engine = make_engine(settings)
-    try:
-        with make_sessionmaker(engine)() as s:
-            res = register_artifacts(s, directory, settings.default_model)
-    finally:
-        engine.dispose()
+    with _session(settings) as s:
+        res = register_artifacts(s, directory, settings.default_model)
     typer.echo(f"added: {', '.join(res.added) or '-'}")
     typer.echo(f"unchanged: {', '.join(res.unchanged) or '-'}")
     if res.updated:
@@ -89,24 +103,16 @@ def models_add(
 ) -> None:
     """Validate one encoder artifact (it loads; a probe batch gives the declared shape, finite, normalised and
     deterministic outputs), copy it into the artifacts folder and register it. Exit 2 naming the problem."""
-    from service.db import make_engine, make_sessionmaker
     from service.errors import DomainError
     from service.registry import add_encoder
 
     settings = get_settings()
-    if settings.is_sqlite:
-        from service.db.migrate import upgrade_head
-
-        upgrade_head(settings)
-    engine = make_engine(settings)
     try:
-        with make_sessionmaker(engine)() as s:
+        with _session(settings) as s:
             row = add_encoder(s, Path(settings.artifacts_dir), path)
     except DomainError as e:
         typer.echo(f"refused: {e.problem}", err=True)
         raise typer.Exit(2) from e
-    finally:
-        engine.dispose()
     typer.echo(f"registered {row.name} (dim {row.dim}, {row.status}) from {row.artifact_path}")
 
 

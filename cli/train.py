@@ -189,8 +189,9 @@ def train_gallery_cmd(
     item has a label), write it under the artifacts folder and register it: what a rollout's `training`
     phase does, without a rollout."""
     from models.train import set_threads
+    from service.registry import register_pack
     from worker import context
-    from worker.train import fit_gallery_pack, register_pack
+    from worker.train import fit_gallery_pack
 
     settings = get_settings()
     if sample is not None:
@@ -207,7 +208,7 @@ def train_gallery_cmd(
     path, info = fit_gallery_pack(ctx, (old, new), seed)
     assert path is not None
     with ctx.sessionmaker() as s:
-        register_pack(s, (old, new), path)
+        register_pack(s, old, new, path)
         s.commit()
     from cli.evaluate import predictions_table
     from models.artifacts import load_compat

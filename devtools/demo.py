@@ -260,19 +260,25 @@ class _Gallery:
         bar.close()
 
 
+def _live(client: Client, gallery: _Gallery, k: int = 100) -> tuple[float, float]:
+    """(mAP@k, top-1) of the whole gallery sent as queries through /search/batch, each item's own hit left out."""
+    from models import evaluate
+
+    ranked_ext, _ = client.search_all(gallery.payloads, k + 1)
+    idx = gallery.id_index
+    ranked = [[idx[x] for x in row if idx[x] != q][:k] for q, row in enumerate(ranked_ext)]
+    return evaluate.ranked_metrics(ranked, gallery.labels, k)
+
+
 def _measurer(
     client: Client, gallery: _Gallery, offline: Any, k: int = 100
 ) -> Callable[[float, np.ndarray, str | None], tuple[float, float, float, float]]:
     """measure(fraction in the database, items in NEW, the serving path or None once completed) ->
     (live mAP, live top-1, offline mAP, offline top-1)."""
-    from models import evaluate
 
     def measure(fraction_db: float, in_new: np.ndarray, path: str | None) -> tuple[float, float, float, float]:
         _wait_ingested(client, gallery.payloads[0], fraction_db, path)
-        ranked_ext, _ = client.search_all(gallery.payloads, k + 1)
-        idx = gallery.id_index
-        ranked = [[idx[x] for x in row if idx[x] != q][:k] for q, row in enumerate(ranked_ext)]
-        live_map, live_top1 = evaluate.ranked_metrics(ranked, gallery.labels, k)
+        live_map, live_top1 = _live(client, gallery, k)
         off_map, off_top1 = offline.evaluator.point(in_new, path or "reverse")  # all in NEW: any path
         return live_map, live_top1, off_map, off_top1
 
@@ -287,10 +293,7 @@ def _old_only_point(client: Client, gallery: _Gallery, artifacts_dir: Path, old:
 
     t0 = time.monotonic()
     _wait_ingested(client, gallery.payloads[0], 0.0, "old-only")
-    ranked_ext, _ = client.search_all(gallery.payloads, 101)
-    idx = gallery.id_index
-    ranked = [[idx[x] for x in row if idx[x] != q][:100] for q, row in enumerate(ranked_ext)]
-    live_map, live_top1 = evaluate.ranked_metrics(ranked, gallery.labels, 100)
+    live_map, live_top1 = _live(client, gallery)
     v_old = load_encoder(Path(artifacts_dir) / old).embed(gallery.images)
     ev = evaluate.Evaluator(np.asarray(gallery.labels), v_old, {"raw": evaluate.Space(v_old, v_old)}, 100)
     off_map, off_top1 = ev.single("raw")

@@ -114,6 +114,14 @@ def _apply(module: torch.jit.ScriptModule, v: np.ndarray, device: str) -> np.nda
         return np.ascontiguousarray(module(t).float().cpu().numpy(), dtype=np.float32)
 
 
+def apply_calibration(knots: dict[str, list[float]] | None, distances: np.ndarray) -> np.ndarray:
+    """A calibration's piecewise-linear map (knots x -> y) over distances; identity without knots."""
+    d = np.asarray(distances, dtype=np.float32)
+    if not knots:
+        return d
+    return np.interp(d, np.asarray(knots["x"]), np.asarray(knots["y"])).astype(np.float32)
+
+
 @dataclass
 class CompatPack:
     """The compatibility transformations between an old and a new model."""
@@ -143,11 +151,7 @@ class CompatPack:
 
     def calibrate(self, mode: str, distances: np.ndarray) -> np.ndarray:
         """Map OLD-side distances of `mode` onto the NEW side's scale (identity when not fitted)."""
-        knots = (self.manifest.get("calibration") or {}).get(mode)
-        if not knots:
-            return np.asarray(distances, dtype=np.float32)
-        d = np.asarray(distances, dtype=np.float32)
-        return np.interp(d, np.asarray(knots["x"]), np.asarray(knots["y"])).astype(np.float32)
+        return apply_calibration((self.manifest.get("calibration") or {}).get(mode), distances)
 
 
 def save_encoder(module: torch.nn.Module, directory: Path, manifest: dict[str, Any]) -> Path:

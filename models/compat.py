@@ -322,6 +322,20 @@ def quantile_calibration(d_old: np.ndarray, d_new: np.ndarray, n_knots: int = 64
     return {"x": [float(v) for v in x], "y": [float(v) for v in np.maximum.accumulate(y[idx])]}
 
 
+def old_side(
+    mode: str, old_feats: np.ndarray, new_feats: np.ndarray, psi: nn.Module, h: nn.Module
+) -> tuple[np.ndarray, np.ndarray]:
+    """(OLD gallery vectors, the query vectors that search them) on a path: reverse psi(new) over old,
+    forward new over h(old), two-pass old over old."""
+    if mode == "reverse":
+        return old_feats, apply(psi, new_feats)
+    if mode == "forward":
+        return apply(h, old_feats), new_feats
+    if mode == "two-pass":
+        return old_feats, old_feats
+    raise ValueError(f"mode must be reverse, forward or two-pass, got {mode!r}")
+
+
 def calibration_data(
     mode: str,
     old_feats: np.ndarray,
@@ -333,14 +347,7 @@ def calibration_data(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top-k neighbour distances and relevance on both sides for calibration (leave-one-out)."""
     k = min(k, len(labels) - 1)  # a small probe set (a gallery sample) has fewer than k other items
-    if mode == "reverse":
-        q_old, g_old = apply(psi, new_feats), old_feats
-    elif mode == "forward":
-        q_old, g_old = new_feats, apply(h, old_feats)
-    elif mode == "two-pass":
-        q_old, g_old = old_feats, old_feats
-    else:
-        raise ValueError(f"mode must be reverse, forward or two-pass, got {mode!r}")
+    g_old, q_old = old_side(mode, old_feats, new_feats, psi, h)
     d_o, i_o = _knn(g_old, q_old, k, exclude_self=True)
     d_n, i_n = _knn(new_feats, new_feats, k, exclude_self=True)
     rel_o = labels[i_o] == labels[:, None]
@@ -381,12 +388,7 @@ def select_calibration(
         "precision": fit_calibration(d_o, r_o, d_n, r_n, n_knots),
         "quantile": quantile_calibration(d_o, d_n, n_knots),
     }
-    if mode == "reverse":
-        gallery, queries = old_feats, apply(psi, new_feats)
-    elif mode == "two-pass":
-        gallery, queries = old_feats, old_feats
-    else:
-        gallery, queries = apply(h, old_feats), new_feats
+    gallery, queries = old_side(mode, old_feats, new_feats, psi, h)
     s = apply(sigma, old_feats)
     orders = [E.policy_order("uncertainty", len(labels), sigma=s), E.policy_order("random", len(labels), seed=seed)]
     scores: dict[str, Any] = {}

@@ -22,9 +22,8 @@ import numpy as np
 from torch import nn
 
 from models import compat as C
+from models import evaluate as E
 from models.paths import ModulePack, predict
-
-MODES = ("reverse", "forward", "two-pass")
 
 
 @dataclass
@@ -98,7 +97,7 @@ def fit_on_sample(
     h, sigma, h_info = C.train_h_sigma(old[fit], new[fit], y_fit, no_classifier, replace(cc, w_cls=0.0), progress=False)
     fit_s = time.monotonic() - t0
     calibration, calib_metrics = {}, {}
-    for mode in MODES:
+    for mode in E.MODES:
         calibration[mode], calib_metrics[mode] = C.select_calibration(
             mode, old[probe], new[probe], y_probe, psi, h, sigma, cc.calib_knots, seed=cfg.seed
         )

@@ -68,10 +68,9 @@ class ModulePack:
         return apply(self.sigma, v).reshape(-1)
 
     def calibrate(self, mode: str, d: np.ndarray) -> np.ndarray:
-        knots = self.calibration.get(mode)
-        if not knots:
-            return np.asarray(d, dtype=np.float32)
-        return np.interp(d, np.asarray(knots["x"]), np.asarray(knots["y"])).astype(np.float32)
+        from models.artifacts import apply_calibration
+
+        return apply_calibration(self.calibration.get(mode), d)
 
 
 def _summary(values: list[float], old_old: float, new_new: float) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models import compat as C
+from models import evaluate as E
 from models.artifacts import ArtifactError, Encoder, load_encoder, save_compat, save_encoder
 from models.data import fingerprint, load
 from models.encoders import ARCH_DEFAULTS, ConfigError, EncoderConfig, accuracy, train_encoder
@@ -214,7 +215,7 @@ def train_compat_pack(
         extra_item_loss=extra,
     )
     calibration, calib_metrics = {}, {}
-    for mode in ("reverse", "forward", "two-pass"):
+    for mode in E.MODES:
         calibration[mode], calib_metrics[mode] = C.select_calibration(
             mode, o_cal, n_cal, y_cal, psi, h, sigma, cfg.calib_knots, seed=cfg.seed
         )

@@ -9,6 +9,7 @@ cycle and swaps in a freshly built index set, so a process serves one path at a 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -78,7 +79,7 @@ def change_path(
     if rollout.status not in ACTIVE_ROLLOUT_STATES:
         raise Conflict("status", f"rollout {rollout.id} is {rollout.status}; the path applies to active ones")
     choice = choose_path(session, settings, rollout.from_version, rollout.to_version, preference, rollout.policy, force)
-    apply_choice(rollout, Choice(choice.mode, rollout.policy, choice.reason, choice.predicted, choice.dips), preference)
+    apply_choice(rollout, replace(choice, policy=rollout.policy), preference)
     return rollout
 
 

@@ -30,6 +30,32 @@ class RegisterResult:
     serving: str | None = None
 
 
+def register_pack(session: Session, src: str, dst: str, directory: Path) -> str:
+    """Add the pair's pack row, or point it at `directory` (a retrained pack for the same pair is safe to
+    swap: it only maps vectors at query time). Returns "added", "updated" or "unchanged"; the caller commits."""
+    checksum = artifact_checksum(directory)
+    path = str(directory.resolve())
+    pack = queries.compat_pack(session, src, dst)
+    if pack is None:
+        session.add(
+            CompatPack(
+                from_version=src,
+                to_version=dst,
+                artifact_path=path,
+                checksum=checksum,
+                manifest=_read_manifest(directory),
+            )
+        )
+        return "added"
+    if pack.checksum != checksum:
+        pack.checksum = checksum
+        pack.manifest = _read_manifest(directory)
+    elif pack.artifact_path == path:
+        return "unchanged"
+    pack.artifact_path = path
+    return "updated"
+
+
 def _register_once(session: Session, artifacts_dir: Path, default_model: str | None) -> RegisterResult:
     res = RegisterResult()
     encoders, packs = discover(artifacts_dir)
@@ -63,30 +89,7 @@ def _register_once(session: Session, artifacts_dir: Path, default_model: str | N
         if session.get(ModelVersion, src) is None or session.get(ModelVersion, dst) is None:
             log.warning("%s skipped: both models must be registered", label)
             continue
-        checksum = artifact_checksum(directory)
-        pack = queries.compat_pack(session, src, dst)
-        if pack is None:
-            session.add(
-                CompatPack(
-                    from_version=src,
-                    to_version=dst,
-                    artifact_path=str(directory.resolve()),
-                    checksum=checksum,
-                    manifest=_read_manifest(directory),
-                )
-            )
-            res.added.append(label)
-        elif pack.checksum != checksum:
-            # A retrained pack for the same pair is safe to swap (it only maps vectors at query time).
-            pack.artifact_path = str(directory.resolve())
-            pack.checksum = checksum
-            pack.manifest = _read_manifest(directory)
-            res.updated.append(label)
-        elif pack.artifact_path != str(directory.resolve()):
-            pack.artifact_path = str(directory.resolve())
-            res.updated.append(label)
-        else:
-            res.unchanged.append(label)
+        getattr(res, register_pack(session, src, dst, directory)).append(label)
     session.flush()
     serving = queries.serving_model(session)
     if serving is None and default_model and session.get(ModelVersion, default_model) is not None:

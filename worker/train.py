@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,15 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from models.artifacts import artifact_checksum, save_compat
+from models.artifacts import save_compat
 from models.gallery_fit import GalleryFitConfig, fit_on_sample
 from models.preprocess import InvalidImage, preprocess
 from service import events, paths
 from service import rollouts as domain
 from service.db import queries
-from service.db.models import CompatPack, Embedding, Item, ModelVersion, Rollout, utcnow
+from service.db.models import Embedding, Item, ModelVersion, Rollout, utcnow
+from service.errors import Conflict
+from service.registry import register_pack
 from worker.context import WorkerContext, get_context, heartbeat
 
 log = logging.getLogger(__name__)
@@ -71,10 +74,10 @@ def _missing(session: Session, to_version: str, ids: np.ndarray) -> list[int]:
 
 
 def embed_sample(
-    ctx: WorkerContext, from_to: tuple[str, str], ids: np.ndarray, keep_going: Any = lambda done: True
+    ctx: WorkerContext, from_to: tuple[str, str], ids: np.ndarray, keep_going: Any = lambda done, total: True
 ) -> int:
     """Embed the sample items that lack a target vector, one committed batch at a time; returns how many were
-    written. `keep_going(items of the sample with a target vector)` runs before every batch (it records the
+    written. `keep_going(items of the sample with a target vector, sample size)` runs before every batch (it records the
     progress); the embedding stops when it returns false."""
     to_version = from_to[1]
     written = 0
@@ -85,7 +88,7 @@ def embed_sample(
             raise RuntimeError(f"model {to_version} vanished")
         encoder = ctx.encoder(target)
     for k in range(0, len(todo), EMBED_BATCH):
-        if not keep_going(len(ids) - len(todo) + written):
+        if not keep_going(len(ids) - len(todo) + written, len(ids)):
             break
         with ctx.sessionmaker() as s:
             rows = s.execute(
@@ -162,23 +165,8 @@ def write_pack(ctx: WorkerContext, from_to: tuple[str, str], fitted: Any, sample
     return final
 
 
-def register_pack(session: Session, from_to: tuple[str, str], directory: Path) -> CompatPack:
-    """Add (or point at the new artifact of) the pair's pack row; the caller commits."""
-    from models.artifacts import _read_manifest
-
-    src, dst = from_to
-    row = queries.compat_pack(session, src, dst)
-    if row is None:
-        row = CompatPack(from_version=src, to_version=dst)
-        session.add(row)
-    row.artifact_path = str(directory.resolve())
-    row.checksum = artifact_checksum(directory)
-    row.manifest = _read_manifest(directory)
-    return row
-
-
 def fit_gallery_pack(
-    ctx: WorkerContext, from_to: tuple[str, str], seed: int, keep_going: Any = lambda done: True
+    ctx: WorkerContext, from_to: tuple[str, str], seed: int, keep_going: Any = lambda done, total: True
 ) -> tuple[Path | None, dict[str, Any]]:
     """Sample, embed, fit and write a pack for the pair; (None, info) when stopped before the fit."""
     t0 = time.monotonic()
@@ -187,7 +175,7 @@ def fit_gallery_pack(
         ids = sample_items(s, from_to[0], settings.train_sample, seed)
     embedded = embed_sample(ctx, from_to, ids, keep_going)
     info: dict[str, Any] = {"sample": len(ids), "embedded": embedded, "embed_seconds": round(time.monotonic() - t0, 1)}
-    if not keep_going(len(ids)):
+    if not keep_going(len(ids), len(ids)):
         return None, info
     with ctx.sessionmaker() as s:
         old, new, labels = load_pairs(s, from_to, ids)
@@ -198,13 +186,13 @@ def fit_gallery_pack(
     return path, info
 
 
-def _progress(ctx: WorkerContext, rollout_id: int, done: int) -> bool:
+def _progress(ctx: WorkerContext, rollout_id: int, done: int, sample: int) -> bool:
     """Record how many sample items have a target vector; True while the rollout is still `training`."""
     with ctx.sessionmaker() as s:
         rollout = s.get(Rollout, rollout_id)
         if rollout is None:
             return False
-        rollout.training = {**(rollout.training or {}), "sample_done": done, "sample": ctx.settings.train_sample}
+        rollout.training = {**(rollout.training or {}), "sample_done": done, "sample": sample}
         s.commit()
         return rollout.status == "training"
 
@@ -221,12 +209,14 @@ def train_rollout(rollout_id: int) -> dict[str, Any]:
         has_pack = queries.compat_pack(s, *from_to) is not None
         s.rollback()  # no transaction stays open (holding back the ingestion horizon) through the training
         if not has_pack:
-            path, fit_info = fit_gallery_pack(ctx, from_to, rollout_id, lambda done: _progress(ctx, rollout_id, done))
+            path, fit_info = fit_gallery_pack(
+                ctx, from_to, rollout_id, lambda done, total: _progress(ctx, rollout_id, done, total)
+            )
             info.update(fit_info)
             if path is None:
                 _save_info(s, rollout_id, info)
                 return {"rollout_id": rollout_id, "trained": False}
-            register_pack(s, from_to, path)
+            register_pack(s, *from_to, path)
             s.commit()
         started = finish_training(s, ctx, rollout_id, info)
         return {"rollout_id": rollout_id, "trained": True, "planning": started}
@@ -247,11 +237,9 @@ def finish_training(session: Session, ctx: WorkerContext, rollout_id: int, info:
     src, dst = rollout.from_version, rollout.to_version
     try:
         choice = paths.choose_path(session, ctx.settings, src, dst, requested, rollout.policy, False)
-    except Exception as e:  # an explicit path the new pack predicts to dip: auto instead, and say so
+    except Conflict as e:  # an explicit path the new pack predicts to dip: auto instead, and say so
         choice = paths.choose_path(session, ctx.settings, src, dst, "auto", rollout.policy, False)
-        choice = type(choice)(
-            choice.mode, choice.policy, f"{choice.reason} (requested {requested}: {e})", choice.predicted, False
-        )
+        choice = replace(choice, reason=f"{choice.reason} (requested {requested}: {e})")
     paths.apply_choice(rollout, choice, requested)
     rollout.status = "planning"
     rollout.training = {**info, "done": True, "finished_at": utcnow().isoformat()}
