@@ -33,6 +33,7 @@ import yaml
 from models.preprocess import encode_png
 from tests.helpers import wait_until
 from tests.unit.test_deploy import (
+    COMPOSE_SECRETS,
     PROMETHEUS_FILE,
     backfill_executable,
     dashboard_expressions,
@@ -213,7 +214,7 @@ def test_dashboard_queries_return_data_for_a_live_rollout(
     pg: str, redis_url: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     prometheus = _prometheus_binary()
-    services = load_compose({"BACKFILL_OPERATOR_TOKEN": TOKEN})["services"]
+    services = load_compose({**COMPOSE_SECRETS, "BACKFILL_OPERATOR_TOKEN": TOKEN})["services"]
     api_port, worker_metrics_port, prom_port = _free_port(), _free_port(), _free_port()
     multiproc = tmp_path / "prometheus-multiproc"
     multiproc.mkdir()

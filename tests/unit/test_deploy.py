@@ -1,49 +1,54 @@
 """The deployment files agree with the code: docker-compose.yml (structure, commands that exist in the CLI,
-settings that exist), the Prometheus scrape config, the Grafana provisioning and dashboard (metric names that
-service/metrics.py defines, the provisioned datasource uid), the Dockerfile and .dockerignore.
+settings that exist, required secrets, the internal network), the Prometheus scrape config, the Grafana
+provisioning and dashboard (metric names that service/metrics.py defines, the provisioned datasource uid), the
+Dockerfile and .dockerignore, and the deploy test's script and its place in CI and the README.
 
-No Docker engine is needed: `docker compose config` is used when the compose plugin is installed, and the
-file is always checked structurally with PyYAML (after a compose-style `${VAR}` interpolation) as well.
-The helpers here are shared with tests/integration/test_deploy_stack.py.
+No Docker engine is needed: `docker compose config` (v2) and `docker-compose config` (v1) are used when
+installed, and the file is always checked structurally with PyYAML (after a compose-style `${VAR}`
+interpolation) as well. `make deploy-test` runs the stack for real. The helpers here are shared with
+tests/integration/test_deploy_stack.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 from prometheus_client import Counter, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from sqlalchemy.engine import make_url
 
+from devtools.dashboard import DASHBOARD_FILE, GRAFANA_VARS, dashboard, dashboard_expressions, iter_panels, to_promql
 from service import metrics as metrics_module
 from service.config import Settings
+from service.redis_conn import redis_url
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PROMETHEUS_FILE = REPO / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
-DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "backfill.json"
 DATASOURCE_FILE = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDER_FILE = GRAFANA_DIR / "provisioning" / "dashboards" / "backfill.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 
 TEST_TOKEN = "compose-test-operator-token-0123456789"
+# What an operator must export besides the token (no defaults in the compose file).
+COMPOSE_SECRETS = {"POSTGRES_PASSWORD": "pg-test-password_0123", "REDIS_PASSWORD": "redis-test-password_4567"}
+REQUIRED_VARS = ("BACKFILL_OPERATOR_TOKEN", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
 APP_SERVICES = ("migrate", "api", "worker")
 EXPECTED_SERVICES = {"postgres", "redis", "migrate", "api", "worker", "prometheus", "grafana"}
-
-# Grafana's global variables, replaced by what Prometheus's HTTP API accepts.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+__all__ = ["DASHBOARD_FILE", "GRAFANA_VARS", "dashboard", "dashboard_expressions", "iter_panels", "to_promql"]
 
 
 # --- helpers (also used by the integration test) -------------------------------------------------------
@@ -96,9 +101,9 @@ def _interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
 
 def load_compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """docker-compose.yml parsed (YAML anchors and merge keys resolved) and interpolated with `env`
-    (default: only the operator token, as an operator would export it)."""
+    (default: the token and the two passwords, as an operator would export them)."""
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
-    return _interpolate_tree(raw, {"BACKFILL_OPERATOR_TOKEN": TEST_TOKEN} if env is None else env)
+    return _interpolate_tree(raw, {"BACKFILL_OPERATOR_TOKEN": TEST_TOKEN, **COMPOSE_SECRETS} if env is None else env)
 
 
 def service_environment(service: dict[str, Any]) -> dict[str, str]:
@@ -124,35 +129,6 @@ def backfill_executable() -> str:
     if found is None:
         pytest.fail("the `backfill` console script is not installed (pip install -e .)", pytrace=False)
     return found
-
-
-def dashboard() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(DASHBOARD_FILE.read_text())
-    return data
-
-
-def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for p in panels:
-        yield p
-        yield from iter_panels(p.get("panels", []))
-
-
-def dashboard_expressions() -> list[str]:
-    """Every PromQL expression of the dashboard, as Grafana stores it."""
-    exprs = []
-    for p in iter_panels(dashboard()["panels"]):
-        for t in p.get("targets", []):
-            if t.get("expr"):
-                exprs.append(t["expr"])
-    return exprs
-
-
-def to_promql(expr: str) -> str:
-    """A dashboard expression with Grafana's global variables replaced, for Prometheus's HTTP API."""
-    for var, value in GRAFANA_VARS.items():
-        expr = expr.replace(var, value)
-    assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
-    return expr
 
 
 _PROMQL_KEYWORDS = {
@@ -211,25 +187,103 @@ def _compose_plugin_available() -> bool:
         return False
 
 
-def test_docker_compose_config_when_available() -> None:
-    if not _compose_plugin_available():
-        pytest.skip("`docker compose` (the compose plugin) is not installed; the structural tests below cover it")
-    env = {**os.environ, "BACKFILL_OPERATOR_TOKEN": TEST_TOKEN}
-    res = subprocess.run(
-        ["docker", "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
+def _compose_commands() -> list[list[str]]:
+    """The compose implementations installed here: v2 (`docker compose`) and/or v1 (`docker-compose`)."""
+    found = []
+    if _compose_plugin_available():
+        found.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        found.append(["docker-compose"])
+    return found
+
+
+def _compose_config(cmd: list[str], env: dict[str, str], empty_env_file: Path) -> subprocess.CompletedProcess[str]:
+    empty_env_file.write_text("")  # so that a local .env supplies nothing
+    keep = {k: v for k, v in os.environ.items() if k not in REQUIRED_VARS}
+    return subprocess.run(
+        [*cmd, "-f", str(COMPOSE_FILE), "--env-file", str(empty_env_file), "config", "--quiet"],
         capture_output=True,
         text=True,
-        env=env,
+        env={**keep, **env},
         timeout=60,
     )
-    assert res.returncode == 0, res.stderr
 
 
-def test_compose_requires_operator_token() -> None:
-    with pytest.raises(InterpolationError, match="BACKFILL_OPERATOR_TOKEN"):
-        load_compose({})
-    with pytest.raises(InterpolationError, match="BACKFILL_OPERATOR_TOKEN"):
-        load_compose({"BACKFILL_OPERATOR_TOKEN": ""})
+def test_compose_implementations_accept_the_file_and_refuse_missing_secrets(tmp_path: Path) -> None:
+    """Each installed compose (v1 and/or v2) accepts the file with the three secrets and refuses it, naming the
+    variable, without any one of them."""
+    commands = _compose_commands()
+    if not commands:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed; the structural tests cover it")
+    full = {"BACKFILL_OPERATOR_TOKEN": TEST_TOKEN, **COMPOSE_SECRETS}
+    for cmd in commands:
+        res = _compose_config(cmd, full, tmp_path / "empty.env")
+        assert res.returncode == 0, f"{cmd}: {res.stderr}"
+        for var in REQUIRED_VARS:
+            res = _compose_config(cmd, {k: v for k, v in full.items() if k != var}, tmp_path / "empty.env")
+            assert res.returncode != 0 and var in res.stderr + res.stdout, f"{cmd} without {var}: {res.stderr}"
+
+
+def test_compose_requires_token_and_passwords() -> None:
+    full = {"BACKFILL_OPERATOR_TOKEN": TEST_TOKEN, **COMPOSE_SECRETS}
+    load_compose(full)
+    # no default anywhere: every use of a secret is `${VAR:?message}`
+    uses = re.findall(r"\$\{(" + "|".join(REQUIRED_VARS) + r")([^}]*)\}", COMPOSE_FILE.read_text())
+    assert len(uses) >= 5 and all(rest.startswith(":?") for _, rest in uses), uses
+    for var in REQUIRED_VARS:
+        with pytest.raises(InterpolationError, match=var):
+            load_compose({k: v for k, v in full.items() if k != var})
+        with pytest.raises(InterpolationError, match=var):
+            load_compose({**full, var: ""})
+
+
+def test_compose_file_is_v1_compatible() -> None:
+    """Compose v1 rejects a top-level `name:` and any top-level key but version/services/networks/volumes/
+    configs/secrets and x- extensions."""
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    allowed = {"version", "services", "networks", "volumes", "configs", "secrets"}
+    assert not {k for k in raw if k not in allowed and not k.startswith("x-")}, sorted(raw)
+
+
+def test_compose_networks_keep_postgres_and_redis_internal() -> None:
+    c = load_compose()
+    assert c["networks"]["backend"]["internal"] is True
+    assert not (c["networks"].get("frontend") or {}).get("internal")
+    services = c["services"]
+    expected = {
+        "postgres": {"backend"},
+        "redis": {"backend"},
+        "migrate": {"backend"},
+        "worker": {"backend"},
+        "api": {"backend", "frontend"},
+        "prometheus": {"backend", "frontend"},
+        "grafana": {"frontend"},
+    }
+    for name, nets in expected.items():
+        assert set(services[name]["networks"]) == nets, name
+    published = {name for name, svc in services.items() if svc.get("ports")}
+    assert published == {"api", "prometheus", "grafana"}
+    for name in ("prometheus", "grafana"):
+        assert all(str(p).startswith("127.0.0.1:") for p in services[name]["ports"]), name
+
+
+def test_compose_passwords_reach_postgres_redis_and_the_app() -> None:
+    """The password the Postgres and Redis containers require is the one in the URLs the app connects with, as
+    SQLAlchemy and redis-py parse them."""
+    services = load_compose()["services"]
+    pg_password = service_environment(services["postgres"])["POSTGRES_PASSWORD"]
+    assert pg_password == COMPOSE_SECRETS["POSTGRES_PASSWORD"]
+    redis_cmd = service_command(services["redis"])
+    assert redis_cmd[redis_cmd.index("--requirepass") + 1] == COMPOSE_SECRETS["REDIS_PASSWORD"]
+    assert service_environment(services["redis"])["REDISCLI_AUTH"] == COMPOSE_SECRETS["REDIS_PASSWORD"]
+    for name in APP_SERVICES:
+        env = service_environment(services[name])
+        s = Settings(**{k.removeprefix("BACKFILL_").lower(): v for k, v in env.items() if k.startswith("BACKFILL_")})
+        db = make_url(s.sqlalchemy_url)
+        assert (db.username, db.password, db.host, db.database) == ("backfill", pg_password, "postgres", "backfill")
+        pool = redis.Redis.from_url(redis_url(s)).connection_pool
+        assert pool.connection_kwargs["password"] == COMPOSE_SECRETS["REDIS_PASSWORD"], name
+        assert pool.connection_kwargs["host"] == "redis", name
 
 
 def test_compose_services_and_volumes() -> None:
@@ -451,21 +505,76 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
-def test_dockerfile_layers_user_and_healthcheck() -> None:
+def test_dockerfile_builds_with_the_classic_builder_and_one_base() -> None:
+    """No BuildKit-only syntax, and every stage from the one base chosen by a build argument: the classic builder
+    builds every stage of a multi-stage file, so a CUDA stage would be pulled even for a CPU build."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax=", text, re.M | re.I), "`# syntax=` needs a registry (BuildKit)"
+    assert not re.search(r"RUN\s+--(mount|network|security)", text), "RUN --mount/--network need BuildKit"
+    assert "<<" not in text, "heredocs need BuildKit"
     ins = _dockerfile_instructions()
     args = {r.split("=", 1)[0]: r.split("=", 1)[1] for w, r in ins if w == "ARG" and "=" in r}
-    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    assert args["BASE_IMAGE"] == "python:3.11-slim"
     assert args["FLAVOR"] == "cpu"
-    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:")
-    froms = [r for w, r in ins if w == "FROM"]
-    assert "${PYTHON_IMAGE} AS base-cpu" in froms and "${CUDA_IMAGE} AS base-gpu" in froms
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    froms = [r.split() for w, r in ins if w == "FROM"]
+    assert froms[0] == ["${BASE_IMAGE}", "AS", "base"], froms
+    stages = {"base"}
+    for f in froms[1:]:
+        assert f[0] in stages and f[1] == "AS", f"stage {f} does not start from an earlier stage"
+        stages.add(f[2])
+    assert "nvidia/cuda" not in " ".join(r for w, r in ins if w != "FROM")
+
+
+@pytest.mark.parametrize(
+    ("index", "expected"),
+    [
+        ("", "install torch==2.13.0"),
+        ("https://example.org/whl/cpu", "install torch==2.13.0 --index-url https://example.org/whl/cpu"),
+    ],
+)
+def test_dockerfile_torch_index_argument(index: str, expected: str) -> None:
+    """The torch install of the dependency layer, run by bash with a `pip` that prints its arguments: an empty
+    TORCH_INDEX_URL means pip's default index (and whatever wheels pip is offered), a set one is the only index."""
+    run = next(r for w, r in _dockerfile_instructions() if w == "RUN" and "TORCH_INDEX_URL" in r)
+    fragment = re.search(r'if \[ -n "\$TORCH_INDEX_URL" \].*?fi;', run)
+    assert fragment, run
+    script = f'pip() {{ echo "$*"; }}; torch_req=torch==2.13.0; TORCH_INDEX_URL="{index}"; {fragment.group(0)}'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected
+
+
+def test_compose_build_arguments() -> None:
+    """Compose passes the flavour, base image and torch index to the build; an empty BACKFILL_TORCH_INDEX_URL
+    stays empty (`${VAR-default}`), which the sandbox engine needs."""
+    env = {"BACKFILL_OPERATOR_TOKEN": TEST_TOKEN, **COMPOSE_SECRETS}
+    args = load_compose(env)["services"]["api"]["build"]["args"]
+    assert args == {
+        "FLAVOR": "cpu",
+        "BASE_IMAGE": "python:3.11-slim",
+        "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu",
+    }
+    assert (
+        load_compose({**env, "BACKFILL_TORCH_INDEX_URL": ""})["services"]["api"]["build"]["args"]["TORCH_INDEX_URL"]
+        == ""
+    )
+
+
+def test_dockerfile_layers_user_and_healthcheck() -> None:
+    ins = _dockerfile_instructions()
     copies = [r for w, r in ins if w == "COPY"]
     first_code = next(i for i, c in enumerate(copies) if c.startswith(("service/", "models/", "worker/")))
-    assert copies.index("pyproject.toml ./") < first_code, "dependencies must be installed before the code"
+    requirements = next(i for i, c in enumerate(copies) if c.startswith("--from=requirements"))
+    assert requirements < first_code, "dependencies must be installed before the code"
     runs = [r for w, r in ins if w == "RUN"]
+    reqs_run = next(r for r in runs if "tomllib" in r)
+    assert '["project"]["dependencies"]' in reqs_run and '"optional-dependencies"]["gpu"]' in reqs_run
     deps_run = next(r for r in runs if "pip install -r /tmp/reqs.txt" in r)
-    assert "download.pytorch.org/whl/cpu" in DOCKERFILE.read_text()
-    assert '"optional-dependencies"]["gpu"]' in deps_run and "pip uninstall -y faiss-cpu" in deps_run
+    assert "pip uninstall -y faiss-cpu" in deps_run and "pip install -r /tmp/gpu.txt" in deps_run
+    # the smoke checks: torch and faiss import and work, the last one as the user the containers run as
+    assert "import faiss, numpy, torch" in deps_run
+    user_at = next(i for i, (w, _) in enumerate(ins) if w == "USER")
+    assert any(w == "RUN" and "torch.jit.load" in r and "faiss" in r for w, r in ins[user_at:])
     assert any(c.startswith("artifacts/") for c in copies)
     users = [r for w, r in ins if w == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
