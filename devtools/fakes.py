@@ -22,15 +22,16 @@ from service.db.models import CompatPack, Embedding, Item, ModelVersion
 class TinyEncoder(nn.Module):
     """Flatten + Linear + L2 normalise; `slow_reps` extra square layers make a batch take measurable time.
 
-    `mix=False` leaves the square layer out (an identity), so only the projection draws random weights."""
+    `mix=False` leaves the square layer out (an identity), so only the projection draws random weights;
+    `in_features` is C * H * W of the input it takes (784: the shipped 28 x 28 gray)."""
 
-    def __init__(self, dim: int, slow_reps: int = 0, mix: bool = True) -> None:
+    def __init__(self, dim: int, slow_reps: int = 0, mix: bool = True, in_features: int = 784) -> None:
         super().__init__()
         self.slow_reps = slow_reps
-        self.mix: nn.Module = nn.Linear(784, 784) if mix else nn.Identity()
-        self.proj = nn.Linear(784, dim)
+        self.mix: nn.Module = nn.Linear(in_features, in_features) if mix else nn.Identity()
+        self.proj = nn.Linear(in_features, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, dim)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, dim)
         h = x.flatten(1)
         for _ in range(self.slow_reps):
             h = torch.tanh(self.mix(h))

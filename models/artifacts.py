@@ -2,9 +2,12 @@
 
 Layout under an artifacts directory::
 
-    <name>/manifest.json       {"kind": "encoder", "name", "dim", "input", "config", "data_fingerprint",
-    <name>/model.pt             "checksum", "metrics"}; model.pt maps (B, 1, 28, 28) float in [0, 1]
-                                to (B, dim) L2-normalised float32 embeddings.
+    <name>/manifest.json       {"kind": "encoder", "name", "dim", "format", "input", "config",
+    <name>/model.pt | model.onnx   "data_fingerprint", "checksum", "metrics"}; the module maps a batch
+                                (B, C, H, W) float32, shaped and normalised as `input` says (an
+                                `models.preprocess.InputSpec`; absent = 28 x 28 gray in [0, 1]), to
+                                (B, dim) L2-normalised embeddings. `format` is "torchscript" (model.pt,
+                                the default) or "onnx" (model.onnx, run by onnxruntime).
     compat-<old>-<new>/manifest.json   {"kind": "compat", "from", "to", "from_dim", "to_dim",
     compat-<old>-<new>/psi.pt           "calibration": {"reverse": {"x": [...], "y": [...]}, "forward": ...},
     compat-<old>-<new>/h.pt             "checksum", "metrics"}; psi: new -> old space, h: old -> new space,
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.preprocess import GRAY28, InputSpec
+
 ENCODER_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
+ENCODER_FORMATS = {"torchscript": ENCODER_FILE, "onnx": ONNX_FILE}
 COMPAT_FILES = ("psi.pt", "h.pt", "sigma.pt")
 MANIFEST = "manifest.json"
 
@@ -68,38 +77,60 @@ def pick_device(use_gpu: bool = True) -> str:
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
-def _to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(N, 28, 28) uint8 or float in [0, 1], or (N, 1, 28, 28) -> (N, 1, 28, 28) float32."""
-    if isinstance(images, torch.Tensor):
-        x = images
-    else:
-        a = np.asarray(images)
-        x = torch.from_numpy(a if a.flags.writeable else a.copy())  # torch warns on read-only arrays
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    x = x.float()
-    if x.ndim == 3:
-        x = x.unsqueeze(1)
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"expected (N, 28, 28) or (N, 1, 28, 28) images, got {tuple(x.shape)}")
-    return x
+class OnnxModule:
+    """An ONNX encoder run by onnxruntime, called like a TorchScript module: (B, C, H, W) tensor -> (B, dim)."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
+        import onnxruntime as ort  # an optional dependency: only ONNX artifacts need it
+
+        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = options.inter_op_num_threads = threads  # 0: onnxruntime's default
+        self.session = ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().cpu().numpy().astype(np.float32, copy=False)})
+        return torch.from_numpy(np.asarray(out[0], dtype=np.float32))
+
+
+def _load_onnx(path: Path, expected_sha: str | None, device: str) -> OnnxModule:
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found")
+    if expected_sha is not None and sha256_file(path) != expected_sha:
+        raise ArtifactError(f"{path}: checksum mismatch")
+    return OnnxModule(path, device)
+
+
+def encoder_format(manifest: dict[str, Any]) -> str:
+    """The manifest's model format, torchscript (the default) or onnx; ArtifactError for anything else."""
+    fmt = manifest.get("format", "torchscript")
+    if fmt not in ENCODER_FORMATS:
+        raise ArtifactError(f"format {fmt!r} is not one of {', '.join(ENCODER_FORMATS)}")
+    return str(fmt)
 
 
 @dataclass
 class Encoder:
-    """A loaded embedding model."""
+    """A loaded embedding model and the input it takes."""
 
     name: str
     dim: int
-    module: torch.jit.ScriptModule
+    module: Callable[[torch.Tensor], torch.Tensor]
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     device: str = "cpu"
+    spec: InputSpec = GRAY28
 
     @torch.no_grad()
-    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-        """Images (N, 28, 28) uint8 / [0, 1] floats, or (N, 1, 28, 28) -> (N, dim) float32."""
-        x = _to_input(images)
+    def embed(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray], batch_size: int = 1024) -> np.ndarray:
+        """Images -> (N, dim) float32. Decoded images of any size and channels (`models.preprocess.decode`)
+        are fitted to this model's input spec; a batch already at its size may be (N, H, W), (N, H, W, C) or
+        (N, C, H, W), uint8 or floats in [0, 1]."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        x = torch.from_numpy(self.spec.batch(images))
         out = [
             self.module(x[i : i + batch_size].to(self.device)).float().cpu() for i in range(0, x.shape[0], batch_size)
         ]
@@ -159,10 +190,47 @@ def save_encoder(module: torch.nn.Module, directory: Path, manifest: dict[str, A
     directory.mkdir(parents=True, exist_ok=True)
     scripted = module if isinstance(module, torch.jit.ScriptModule) else torch.jit.script(module.eval())
     torch.jit.save(scripted, str(directory / ENCODER_FILE))
-    manifest = {**manifest, "kind": "encoder", "checksum": sha256_file(directory / ENCODER_FILE)}
+    spec = InputSpec.from_manifest(manifest.get("input")).to_manifest()
+    manifest = {
+        **manifest,
+        "kind": "encoder",
+        "format": "torchscript",
+        "input": spec,
+        "checksum": sha256_file(directory / ENCODER_FILE),
+    }
     for key in ("name", "dim"):
         if key not in manifest:
             raise ArtifactError(f"encoder manifest needs {key!r}")
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return directory
+
+
+def export_onnx(source: Path, directory: Path, name: str | None = None, opset: int = 17) -> Path:
+    """Write the TorchScript encoder in `source` as an ONNX artifact (model.onnx + manifest, same input
+    spec, `name` or the same name) in `directory`, with a dynamic batch axis."""
+    enc = load_encoder(source)
+    directory.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros((2, *enc.spec.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            enc.module,  # type: ignore[arg-type]
+            (example,),
+            str(directory / ONNX_FILE),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["embeddings"],
+            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+            opset_version=opset,
+        )
+    manifest = {
+        **{k: v for k, v in enc.manifest.items() if k not in {"checksum", "metrics"}},
+        "name": name or enc.name,
+        "format": "onnx",
+        "exported_from": {"name": enc.name, "checksum": enc.manifest.get("checksum")},
+        "input": enc.spec.to_manifest(),
+        "checksum": sha256_file(directory / ONNX_FILE),
+    }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return directory
 
@@ -195,8 +263,18 @@ def load_encoder(directory: Path, device: str = "cpu") -> Encoder:
     m = _read_manifest(directory)
     if m.get("kind") != "encoder":
         raise ArtifactError(f"{directory}: not an encoder artifact")
-    module = _load_script(directory / ENCODER_FILE, m.get("checksum"), device)
-    return Encoder(name=m["name"], dim=int(m["dim"]), module=module, manifest=m, path=directory, device=device)
+    fmt = encoder_format(m)
+    try:
+        spec = InputSpec.from_manifest(m.get("input"))
+    except ValueError as e:
+        raise ArtifactError(f"{directory}: {e}") from e
+    path = directory / ENCODER_FORMATS[fmt]
+    module: Callable[[torch.Tensor], torch.Tensor] = (
+        _load_onnx(path, m.get("checksum"), device) if fmt == "onnx" else _load_script(path, m.get("checksum"), device)
+    )
+    return Encoder(
+        name=m["name"], dim=int(m["dim"]), module=module, manifest=m, path=directory, device=device, spec=spec
+    )
 
 
 def load_compat(directory: Path, device: str = "cpu") -> CompatPack:

@@ -23,8 +23,8 @@ from models.artifacts import ArtifactError, Encoder, load_encoder, save_compat, 
 from models.data import fingerprint, load
 from models.encoders import ARCH_DEFAULTS, ConfigError, EncoderConfig, accuracy, train_encoder
 from models.paths import ModulePack, predict
+from models.preprocess import GRAY28
 
-INPUT_SPEC = {"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "preprocess": "models.preprocess"}
 CALIB_SPLIT = 5000
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 OLD_CLASSES = (0, 1, 2, 3, 4)
@@ -124,7 +124,7 @@ def train_one_encoder(
     manifest = {
         "name": name,
         "dim": cfg.emb_dim,
-        "input": INPUT_SPEC,
+        "input": GRAY28.to_manifest(),
         # the full recipe: EncoderConfig(**{k: v for k, v in config.items() if k != "module"})
         "config": {**cfg.to_dict(), "classes": classes, "module": type(model).__name__},
         "data": {"dataset": recipe.dataset, "split": "train", "rows": f"[0, {len(x_fit)})", "n": len(x)},

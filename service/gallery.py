@@ -32,7 +32,7 @@ class EncoderSource(Protocol):
 class NewItem:
     external_id: str
     payload: bytes  # the original image bytes, as sent
-    image: np.ndarray  # (28, 28) uint8, preprocessed
+    image: np.ndarray  # decoded uint8 (H, W) or (H, W, 3); each model fits it to its input spec
     label: int | None = None
 
 
@@ -106,7 +106,7 @@ def _add_items(session: Session, encoders: EncoderSource, items: list[NewItem]) 
     max_seq = 0
     if todo:
         session.flush()  # item ids
-        images = np.stack([it.image for _, it in todo])
+        images = [it.image for _, it in todo]
         embeddings = []
         for name in models:
             vecs = encoders.encoder(name).embed(images)

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from models.evaluate import ap_at_k, search_subset
-from models.preprocess import preprocess
+from models.preprocess import decode
 from service import paths
 from service.config import Settings
 from service.db import queries
@@ -98,7 +98,7 @@ class Prober:
         self,
         sessionmaker: Callable[[], Session],
         settings: Settings,
-        search: Callable[[np.ndarray, int], tuple[list[list[Any]], Any]],
+        search: Callable[[list[np.ndarray], int], tuple[list[list[Any]], Any]],
         redis_client: Any = None,
     ) -> None:
         self.sm = sessionmaker
@@ -107,7 +107,7 @@ class Prober:
         self.redis = redis_client
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._cache: tuple[int, list[str], np.ndarray, np.ndarray] | None = None  # rollout id, ext ids, images, labels
+        self._cache: tuple[int, list[str], list[np.ndarray], np.ndarray] | None = None  # rollout, ids, images, labels
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
@@ -123,7 +123,7 @@ class Prober:
             except Exception as e:  # the probe is advisory: never take the API down
                 log.warning("probe failed: %s", e)
 
-    def _probe_set(self, session: Session, rollout: Rollout) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def _probe_set(self, session: Session, rollout: Rollout) -> tuple[list[str], list[np.ndarray], np.ndarray]:
         if self._cache is None or self._cache[0] != rollout.id:
             ids = (rollout.probe or {}).get("items") or []
             rows = session.execute(
@@ -131,7 +131,7 @@ class Prober:
                 .where(Item.id.in_(ids), Item.deleted_at.is_(None), Item.label.is_not(None))
                 .order_by(Item.id)
             ).all()
-            images = np.stack([preprocess(r.payload) for r in rows]) if rows else np.zeros((0, 28, 28), np.uint8)
+            images = [decode(r.payload) for r in rows]
             self._cache = (rollout.id, [r.external_id for r in rows], images, np.array([r.label for r in rows]))
         return self._cache[1], self._cache[2], self._cache[3]
 

@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.artifacts import CompatPack, Encoder, pick_device
+from models.preprocess import Images
 from service import errors
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker, queries
@@ -222,7 +223,7 @@ class Runtime:
             raise NotReady("no model is serving; register artifacts (`backfill models register DIR`)")
         return ix
 
-    def encode_queries(self, layout: Layout, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def encode_queries(self, layout: Layout, images: Images) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The query vectors for NEW and OLD: one encoder pass on every path but two-pass (one per model);
         psi (a small MLP) only for a reverse-mode OLD side."""
         new_model, old_model = layout.new_model, layout.old_query_model
@@ -235,8 +236,9 @@ class Runtime:
             q_old = self.compat(str(layout.from_model), str(layout.to_model)).reverse(q_new)
         return q_new, q_old
 
-    def search(self, images: np.ndarray, k: int) -> tuple[list[list[SearchHit]], Serving]:
-        """(N, 28, 28) uint8 query images -> per query the k nearest live items, and serving info."""
+    def search(self, images: Images, k: int) -> tuple[list[list[SearchHit]], Serving]:
+        """Query images (decoded, any size; each model fits them to its input) -> per query the k nearest
+        live items, and serving info."""
         ix = self.current()  # one reference: encoding and search agree on the layout even across a swap
         lay = ix.layout
         with stage("encode"):

@@ -28,7 +28,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from models.preprocess import InvalidImage, preprocess
+from models.preprocess import InvalidImage, decode
 from service import events, metrics
 from service.db import queries
 from service.db.models import BackfillTask, Embedding, Item, ModelVersion, Rollout, utcnow
@@ -194,7 +194,7 @@ class Prepared:
 
     claimed: Claimed
     started: float
-    images: np.ndarray | None = None  # (N, 28, 28) uint8
+    images: list[np.ndarray] | None = None  # decoded; the target model fits them to its input spec
     ids: list[int] = field(default_factory=list)  # item id per image row
     errors: dict[int, str] = field(default_factory=dict)  # task id -> error
 
@@ -217,12 +217,12 @@ def prepare(ctx: WorkerContext, rollout: Rollout, n: int) -> Prepared:
             if deleted_at is not None:
                 continue
             try:
-                images.append(preprocess(payload))
+                images.append(decode(payload))
                 prep.ids.append(int(iid))
             except InvalidImage as e:
                 prep.errors[task_of[int(iid)]] = f"invalid payload: {e}"
         if images:
-            prep.images = np.stack(images)
+            prep.images = images
     except Exception as e:  # the whole batch failed: every task gets a failed attempt
         log.exception("loading a batch of rollout %s failed", rollout.id)
         prep.errors = {tid: f"{type(e).__name__}: {e}" for tid in claimed.tasks}

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from models.artifacts import save_compat
 from models.gallery_fit import GalleryFitConfig, fit_on_sample
-from models.preprocess import InvalidImage, preprocess
+from models.preprocess import InvalidImage, decode
 from service import events, paths
 from service import rollouts as domain
 from service.db import queries
@@ -99,13 +99,13 @@ def embed_sample(
             images, item_ids = [], []
             for iid, payload in rows:
                 try:
-                    images.append(preprocess(payload))
+                    images.append(decode(payload))
                     item_ids.append(int(iid))
                 except InvalidImage as e:
                     log.warning("training sample: item %s has an invalid payload (%s); skipped", iid, e)
             if not images:
                 continue
-            vecs = encoder.embed(np.stack(images))
+            vecs = encoder.embed(images)
             values = [
                 {"item_id": i, "model_version": to_version, "vector": v.astype("<f4").tobytes()}
                 for i, v in zip(item_ids, vecs, strict=True)
@@ -179,7 +179,7 @@ def fit_gallery_pack(
         return None, info
     with ctx.sessionmaker() as s:
         old, new, labels = load_pairs(s, from_to, ids)
-    cfg = GalleryFitConfig(probe_share=settings.train_probe_share, seed=seed)
+    cfg = GalleryFitConfig(probe_share=settings.train_probe_share, min_steps=settings.train_steps, seed=seed)
     fitted = fit_on_sample(old, new, labels, cfg)
     path = write_pack(ctx, from_to, fitted, len(ids))
     info.update(fit_seconds=fitted.metrics["seconds"], seconds=round(time.monotonic() - t0, 1))

@@ -1,4 +1,5 @@
-"""Base64 image payloads -> (28, 28) uint8 model inputs, with errors that name the field."""
+"""Base64 image payloads -> decoded uint8 images (each model fits them to its input spec when it encodes),
+with errors that name the field."""
 
 from __future__ import annotations
 
@@ -7,16 +8,14 @@ import binascii
 
 import numpy as np
 
-from models.preprocess import InvalidImage, preprocess
+from models.preprocess import InvalidImage, decode
 from service.errors import InvalidRequest
 
 
 def decode_b64(value: str, field: str) -> bytes:
-    s = value.strip()
-    if s.startswith("data:") and "," in s:  # tolerate data URLs
-        s = s.split(",", 1)[1]
+    """Standard padded base64 (the schema's pattern; no data-URL prefix, no whitespace) -> bytes."""
     try:
-        raw = base64.b64decode(s, validate=True)
+        raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidRequest(field, f"invalid base64 ({e})") from e
     if not raw:
@@ -25,9 +24,9 @@ def decode_b64(value: str, field: str) -> bytes:
 
 
 def decode_image(value: str, field: str, max_pixels: int) -> tuple[bytes, np.ndarray]:
-    """-> (original bytes, preprocessed (28, 28) uint8). InvalidImage -> 422 naming `field`."""
+    """-> (original bytes, decoded uint8 (H, W) gray or (H, W, 3) RGB). InvalidImage -> 422 naming `field`."""
     raw = decode_b64(value, field)
     try:
-        return raw, preprocess(raw, max_pixels=max_pixels)
+        return raw, decode(raw, max_pixels=max_pixels)
     except InvalidImage as e:
         raise InvalidRequest(field, str(e)) from e

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from fastapi import APIRouter, status
 
-from models.artifacts import ENCODER_FILE, MANIFEST, sha256_file
+from models.artifacts import ENCODER_FORMATS, MANIFEST, sha256_file
+from models.preprocess import InputSpec
 from service.api.deps import ApiKeyDep, OperatorDep, RuntimeDep, SessionDep
 from service.api.schemas import ModelIn, ModelOut, ModelsOut, error_responses
 from service.errors import InvalidRequest
@@ -35,24 +36,31 @@ def models(session: SessionDep) -> ModelsOut:
     responses=error_responses(400, 401, 409, 413, 422, 503),
 )
 def add_model(body: ModelIn, session: SessionDep, runtime: RuntimeDep) -> ModelOut:
-    """Register an encoder: a TorchScript module (base64) mapping (B, 1, 28, 28) floats in [0, 1] to (B, dim)
-    L2-normalised vectors. It must load, and a probe batch must give the declared shape, finite and
-    deterministic outputs; otherwise 422 naming the problem, and nothing is registered. 409 when the name
-    is registered with another artifact."""
+    """Register an encoder: a TorchScript or ONNX model (base64) mapping a (B, C, H, W) float batch shaped and
+    normalised as its `input` spec says to (B, dim) L2-normalised vectors. It must load, and a probe batch
+    must give the declared shape, finite and deterministic outputs; otherwise 422 naming the problem, and
+    nothing is registered. 409 when the name is registered with another artifact."""
     try:
         blob = base64.b64decode(body.model_b64, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidRequest("model_b64", f"not valid base64 ({e})") from e
+    try:
+        spec = InputSpec.from_manifest(body.input.model_dump(exclude_none=True))
+    except ValueError as e:
+        raise InvalidRequest("input", str(e)) from e
     artifacts = Path(runtime.settings.artifacts_dir)
     staging = artifacts / f".upload-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
     try:
-        (staging / ENCODER_FILE).write_bytes(blob)
+        model_file = staging / ENCODER_FORMATS[body.format]
+        model_file.write_bytes(blob)
         manifest = {
             "kind": "encoder",
             "name": body.name,
             "dim": body.dim,
-            "checksum": sha256_file(staging / ENCODER_FILE),
+            "format": body.format,
+            "input": spec.to_manifest(),
+            "checksum": sha256_file(model_file),
             "source": "POST /models",
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))

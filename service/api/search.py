@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter
 
 from service.api.deps import ApiKeyDep, RuntimeDep, SettingsDep
@@ -31,7 +30,7 @@ def search(body: SearchIn, runtime: RuntimeDep, settings: SettingsDep) -> Search
     with stage("total"):
         with stage("decode"):
             _, img = decode_image(body.image_b64, "image_b64", settings.max_image_pixels)
-        results, serving = runtime.search(img[None], body.k)
+        results, serving = runtime.search([img], body.k)
     return SearchOut(results=_hits(results[0]), serving=ServingOut.of(serving))
 
 
@@ -43,11 +42,9 @@ def search_batch(body: SearchBatchIn, runtime: RuntimeDep, settings: SettingsDep
         raise InvalidRequest("queries", f"at most {settings.max_batch_queries} queries per call")
     with stage("total"):
         with stage("decode"):
-            imgs = np.stack(
-                [
-                    decode_image(q.image_b64, f"queries[{i}].image_b64", settings.max_image_pixels)[1]
-                    for i, q in enumerate(body.queries)
-                ]
-            )
+            imgs = [
+                decode_image(q.image_b64, f"queries[{i}].image_b64", settings.max_image_pixels)[1]
+                for i, q in enumerate(body.queries)
+            ]
         results, serving = runtime.search(imgs, body.k)
     return SearchBatchOut(results=[_hits(r) for r in results], serving=ServingOut.of(serving))

@@ -35,7 +35,7 @@ def test_train_all_quick_then_eval_curve(tmp_path: Path) -> None:
     assert v1.dim != v2.dim
     for enc in (v1, v2):
         m = enc.manifest
-        assert m["input"]["shape"] == [1, 28, 28] and len(m["data_fingerprint"]) == 64 and "config" in m
+        assert enc.spec.shape == (1, 28, 28) and len(m["data_fingerprint"]) == 64 and "config" in m
     pack = load_compat(art / "compat-v1-v2")
     cal = pack.manifest["calibration"]
     assert set(cal) == {"reverse", "forward", "two-pass"}
