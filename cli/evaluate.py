@@ -80,20 +80,25 @@ def eval_predict_cmd(
 
 
 def predictions_table(pred: dict[str, Any]) -> str:
+    import numpy as np
+
     from models.paths import choose
 
     auto = choose(pred)
     lines = [
         f"Predicted on the probe set ({pred['probe']}): old/old {pred['old_old']:.4f}, new/new {pred['new_new']:.4f}",
         "",
-        "| path | order | AUC | relative gain | lowest vs old/old (at fraction) | largest flip |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| path | order | AUC | sd of AUC over random seeds | relative gain | lowest vs old/old (at fraction) | "
+        "largest flip |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path, by_order in pred["curves"].items():
         for order, c in by_order.items():
             mark = " **auto**" if (path, order) == (auto.mode, auto.policy) else ""
+            seeds = c.get("seeds") or []
+            sd = f"{float(np.std([np.mean(v) for v in seeds], ddof=1)):.5f} ({len(seeds)})" if len(seeds) > 1 else "-"
             lines.append(
-                f"| {path}{mark} | {order} | {c['auc']:.4f} | {c['relative_gain']:.3f} | "
+                f"| {path}{mark} | {order} | {c['auc']:.4f} | {sd} | {c['relative_gain']:.3f} | "
                 f"{c['worst_margin']:+.4f} ({c['worst_fraction']:.2f}) | {c['largest_negative_flip']:.4f} |"
             )
     lines += ["", f"auto: {auto.mode} / {auto.policy} ({auto.reason})"]
@@ -134,7 +139,7 @@ def eval_pairs_cmd(
         manifest = json.loads((art / f"compat-{old}-{new}" / "manifest.json").read_text())
         rows.append({"pair": f"{art.name}: {old}->{new}", "result": result, "predictions": manifest.get("predictions")})
     (out / "pairs.json").write_text(json.dumps(rows, indent=1, default=float))
-    text = pairs_table(rows)
+    text = pairs_table(rows) + "\n" + order_table(rows)
     (out / "pairs.md").write_text(text)
     typer.echo(text)
 
@@ -156,21 +161,48 @@ def pairs_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def order_table(rows: list[dict[str, Any]]) -> str:
+    """Per pair and merging path: `auto`'s order test on the probe set (models.paths.order_test over the
+    predictions' random seeds) beside both orders' relative gain on the harness's gallery."""
+    import numpy as np
+
+    from models.paths import ORDER_Z, order_test
+
+    lines = [
+        "| pair | path | probe: uncertainty gain | probe: random gain, mean (sd of one order, seeds) | z | "
+        f"order (z > {ORDER_Z:g}) | gallery: uncertainty gain | gallery: random gain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        pred = row["predictions"] or {}
+        gain = {(c["mode"], c["policy"]): c["relative_gain"] for c in row["result"]["curves"]}
+        for path, by_order in (pred.get("curves") or {}).items():
+            seeds = by_order["random"].get("seeds") or []
+            t = order_test(float(by_order["uncertainty"]["auc"]), [float(np.mean(v)) for v in seeds])
+            if path == "old-only" or t is None:
+                continue
+            span = float(pred["new_new"]) - float(pred["old_old"])
+            rel = (t["random_mean"] - float(pred["old_old"])) / span
+            lines.append(
+                f"| {row['pair']} | {path} | {by_order['uncertainty']['relative_gain']:.3f} | {rel:.3f} "
+                f"({t['random_sd'] / span:.4f}, {t['seeds']}) | {t['z']:+.2f} | "
+                f"{'uncertainty' if t['z'] > ORDER_Z else 'random'} | {gain[(path, 'uncertainty')]:.3f} | "
+                f"{gain[(path, 'random')]:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def auto_curve(result: dict[str, Any], predictions: dict[str, Any] | None) -> tuple[list[float], str]:
     """The harness curve of the path schedule `auto` chooses from the pack's predictions."""
-    from models.evaluate import fractions
-    from models.paths import choose
+    from models.paths import choose, schedule_paths
 
     auto = choose(predictions)
     schedule = (auto.predicted or {}).get("schedule") or [[0.0, auto.mode]]
     policy = auto.policy if auto.policy != "fifo" else "random"
     oo = result["old_old"]["map"]
     curves = {(c["mode"], c["policy"]): c["map"] for c in result["curves"]}
-    fr = fractions(len(result["fractions"]))
-    values = []
-    for i, f in enumerate(fr):
-        path = [p for start, p in schedule if f >= float(start) - 1e-9][-1]
-        values.append(oo if path == "old-only" else curves[(path, policy)][i])
+    at = schedule_paths(schedule, len(result["fractions"]))
+    values = [oo if path == "old-only" else curves[(path, policy)][i] for i, path in enumerate(at)]
     label = " then ".join(f"{p} from {float(start):.2f}" for start, p in schedule) + f" / {policy}"
     return values, label
 

@@ -68,14 +68,18 @@ class DemoResult:
     def auc(self) -> float:
         return float(np.mean([p.live_map for p in self.points])) if self.points else float("nan")
 
-    def predicted_gap(self) -> float | None:
-        """Largest |predicted - live| mAP over the points (the prediction is on the pack's probe set,
-        interpolated at each point's fraction); None without a prediction."""
-        if not self.predicted or not self.points:
+    def predicted_at(self, fraction: float) -> float | None:
+        """The pack's predicted mAP for the chosen schedule (on its probe set), interpolated at `fraction`
+        as the service does (`service.probe.predicted_margin`); None without a prediction."""
+        if not self.predicted or not self.predicted.get("map"):
             return None
         pred = np.asarray(self.predicted["map"], dtype=np.float64)
-        grid = np.linspace(0.0, 1.0, len(pred))
-        return float(max(abs(np.interp(p.fraction, grid, pred) - p.live_map) for p in self.points))
+        return float(np.interp(fraction, np.linspace(0.0, 1.0, len(pred)), pred))
+
+    def predicted_gap(self) -> float | None:
+        """Largest |predicted - live| mAP over the points; None without a prediction."""
+        gaps = [abs(v - p.live_map) for p in self.points if (v := self.predicted_at(p.fraction)) is not None]
+        return float(max(gaps)) if gaps else None
 
     def summary(self) -> dict[str, Any]:
         live = [p.live_map for p in self.points]

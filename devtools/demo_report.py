@@ -23,21 +23,32 @@ def write_outputs(result: DemoResult, out: Path) -> None:
     doc = {**asdict(result), **summary}
     (out / "curve.json").write_text(json.dumps(doc, indent=2))
     xs = [p.fraction for p in result.points]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(xs, [p.live_map for p in result.points], "o-", label="live, through /search")
+    live = [p.live_map for p in result.points]
+    predicted = [result.predicted_at(x) for x in xs]
+    fig, (ax, gap) = plt.subplots(
+        2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
+    )
+    ax.plot(xs, live, "o-", label="live, through /search")
     ax.plot(xs, [p.offline_map for p in result.points], "x--", label="offline harness, same items")
-    if result.predicted:  # on the pack's probe set: compare shapes relative to old/old and new/new there
+    if result.predicted:  # the pack's prediction for the chosen schedule, on its probe set
         pred = result.predicted
         fr = np.linspace(0, 1, len(pred["map"]))
-        ax.plot(fr, pred["map"], ".:", color="tab:green", label=f"predicted (probe set, old/old {pred['old_old']:.3f})")
+        label = f"predicted before the rollout (probe set, old/old {pred['old_old']:.3f})"
+        ax.plot(fr, pred["map"], ".:", color="tab:green", label=label)
     ax.axhline(result.old_old, color="grey", ls=":", label=f"old/old {result.old_old:.3f}")
     ax.axhline(result.new_new, color="black", ls=":", label=f"new/new {result.new_new:.3f}")
-    ax.set_xlabel("fraction backfilled")
     ax.set_ylabel("mAP@100")
     ax.set_title(f"Live backfill {result.pair}: {result.mode} path, {result.policy} order, {result.items} items")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    if all(v is not None for v in predicted) and predicted:
+        gap.axhspan(-0.02, 0.02, color="tab:green", alpha=0.12, label="within 0.02")
+        gap.plot(xs, [lv - float(pv or 0.0) for lv, pv in zip(live, predicted, strict=True)], "o-", color="tab:green")
+        gap.axhline(0.0, color="grey", lw=0.8)
+        gap.set_ylabel("live - predicted")
+        gap.legend(loc="lower right", fontsize=8)
+    gap.set_xlabel("fraction backfilled")
+    gap.grid(alpha=0.3)
     fig.savefig(out / "curve.png", dpi=120)
     plt.close(fig)
     (out / "curve.md").write_text(table(result))
@@ -50,13 +61,14 @@ def _fmt(value: float | None) -> str:
 def table(result: DemoResult) -> str:
     s = result.summary()
     lines = [
-        "| fraction | done/total | path | live mAP@100 | offline mAP@100 | live top-1 | offline top-1 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| fraction | done/total | path | live mAP@100 | offline mAP@100 | predicted mAP@100 | live top-1 | "
+        "offline top-1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in result.points:
         lines.append(
             f"| {p.fraction:.3f} | {p.done}/{p.total} | {p.path} | {p.live_map:.4f} | {p.offline_map:.4f} | "
-            f"{p.live_top1:.4f} | {p.offline_top1:.4f} |"
+            f"{_fmt(result.predicted_at(p.fraction))} | {p.live_top1:.4f} | {p.offline_top1:.4f} |"
         )
     lines.append("")
     lines.append(

@@ -142,7 +142,7 @@ def test_auto_takes_the_best_predicted_path_that_never_dips(
     fractions = np.asarray(pred["fractions"])
     expected = np.asarray(pred["curves"][schedule[-1][1]][order]["map"])
     if len(schedule) == 2:
-        first = fractions < schedule[1][0] - 1e-9
+        first = fractions < schedule[1][0] - 1e-4  # the switch fraction is stored rounded to 5 decimals
         expected = np.where(first, pred["curves"][schedule[0][1]][order]["map"], expected)
     assert np.allclose(chosen["map"], expected, atol=1e-5)
     # it never falls below old/old, and no single path that never does has a higher AUC
