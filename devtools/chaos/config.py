@@ -21,6 +21,10 @@ class Config:
     compare_queries: int = 20
     complete_timeout: float = 300.0
     tiny: bool = False  # tiny random artifacts + digits even when the shipped artifacts exist
+    writers: int = 2  # threads adding new items through POST /items all through the rollout (0 = none)
+    write_batch: int = 4
+    write_interval: float = 0.2  # seconds between two POST /items of one writer
+    sweep_restart: bool = True  # retention 0: after completion, wait for the sweep, restart an API, self-query
 
 
 @dataclass
@@ -53,6 +57,10 @@ class Summary:
     search_p99_ms: float = 0.0
     search_errors: list[str] = field(default_factory=list)
     rollout_reads: dict[str, int] = field(default_factory=dict)
+    writes: dict[str, int] = field(default_factory=dict)  # POST /items answers of the writers, by status
+    written_items: int = 0  # ids the writers got a 200 for
+    written_found: list[int] = field(default_factory=list)  # of them, found by a self-query, per API
+    sweep_restart: dict[str, float] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny random artifacts + digits even if artifacts/ exists")
+    p.add_argument("--writers", type=int, default=2, help="threads adding items during the rollout (0 = none)")
+    p.add_argument("--no-sweep-restart", action="store_true", help="skip the restart after the retention sweep")
     p.add_argument("--keep-db", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "chaos")
     return p
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=a.batch_size,
         seed=a.seed,
         tiny=a.tiny,
+        writers=a.writers,
+        sweep_restart=not a.no_sweep_restart,
     )
     s = run(cfg, keep_db=a.keep_db, out=a.out)
     print(table(s))

@@ -9,6 +9,7 @@ import random
 import signal
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from devtools.chaos.ops import await_progress, op, restart_api, rollout_safe, ro
 from devtools.chaos.procs import Api, Stack, Worker
 from devtools.chaos.searcher import Searcher
 from devtools.chaos.verify import verify
+from devtools.chaos.writers import Writer, found_by_self_query, sweep_then_restart
 from models.preprocess import encode_png
 
 
@@ -71,6 +73,8 @@ class Chaos:
             stack = Stack(create_database(), REDIS_URL, art, workdir)
         else:
             stack.artifacts_dir, stack.workdir = art, workdir
+        if cfg.sweep_restart:  # the old model's vectors go as soon as the rollout completes
+            stack.extra_env = {**stack.extra_env, "BACKFILL_OLD_EMBEDDING_RETENTION_DAYS": "0"}
         self.stack = stack
         flush_redis(stack.redis_url)
         self.pg: Postgres | DbProxy | None = None
@@ -84,6 +88,10 @@ class Chaos:
         self.apis = [Api("api-a", stack), Api("api-b", stack)]  # restarted one at a time: one always answers
         self.worker = Worker("worker", stack)
         self.searcher: Searcher | None = None
+        self.writers = [
+            Writer(f"w{i}", self.apis, cfg.write_batch, cfg.seed + 100 + i, cfg.write_interval)
+            for i in range(cfg.writers)
+        ]
         self.t_rollout = 0.0
 
     def start(self) -> list[str]:
@@ -118,7 +126,9 @@ class Chaos:
         self.t_rollout = time.monotonic()
         assert self.searcher is not None
         self.searcher.rollout_id = rid
-        log(f"rollout {rid} started, throttled to {rate:.0f} items/s")
+        log(f"rollout {rid} started, throttled to {rate:.0f} items/s; {len(self.writers)} writers")
+        for w in self.writers:
+            w.start()
         deadline = time.monotonic() + 120
         while rollout_view(self.apis[0].url, rid)["done"] == 0:
             if time.monotonic() > deadline:
@@ -165,7 +175,16 @@ class Chaos:
         elif ev.startswith("api:"):
             api = self.apis[int(ev.split(":")[1]) % len(self.apis)]
             log(f"restarting {api.name}")
-            restart_api(api, self.apis, rid, self.stack, compare, s)
+            for w in self.writers:  # the answers before and after are compared on a fixed gallery
+                w.idle.clear()
+                w.hold.set()
+            for w in self.writers:
+                w.idle.wait(timeout=60)
+            try:
+                restart_api(api, self.apis, rid, self.stack, compare, s)
+            finally:
+                for w in self.writers:
+                    w.hold.clear()
         elif ev == "redis":
             flush_redis(self.stack.redis_url)
             s.redis_flushes += 1
@@ -197,9 +216,43 @@ class Chaos:
             time.sleep(0.5)
         s.rollout_status = str(view.get("status"))
         s.rollout_seconds = round(time.monotonic() - self.t_rollout, 1)
+        self.stop_writers()
         time.sleep(1.0)  # a few searches on the completed layout
 
+    def stop_writers(self) -> None:
+        for w in self.writers:
+            w.halt.set()
+        for w in self.writers:
+            w.join(timeout=30)
+
+    def check_writes(self) -> None:
+        """Every item a writer got a 200 for finds itself through /search on every API."""
+        s = self.s
+        accepted = {i: img for w in self.writers for i, img in w.accepted.items()}
+        s.written_items = len(accepted)
+        s.writes = dict(sum((w.statuses for w in self.writers), Counter()))
+        if not accepted:
+            return
+        for a in self.apis:
+            a.wait_ready()
+        s.written_found = [found_by_self_query(a, accepted) for a in self.apis]
+        if any(n != len(accepted) for n in s.written_found):
+            s.problems.append(f"written items found by self-query {s.written_found} of {len(accepted)}")
+
+    def restart_after_sweep(self) -> None:
+        """The old model's vectors swept, an API restarted: every live item finds itself from its first 200."""
+        s = self.s
+        seen = sweep_then_restart(self.apis[0], self.stack.database_url, "v1")
+        s.sweep_restart = seen
+        s.events.append(f"sweep then restart {self.apis[0].name}: {seen}")
+        log(s.events[-1])
+        if seen["old_rows_left"] != 0:
+            s.problems.append(f"the retention sweep left {seen['old_rows_left']} v1 rows")
+        if seen["found"] != seen["live"]:
+            s.problems.append(f"after the sweep and a restart {seen['found']} of {seen['live']} items found themselves")
+
     def stop(self) -> None:
+        self.stop_writers()
         if self.searcher is not None:
             self.searcher.halt.set()
             self.searcher.join(timeout=30)
@@ -242,6 +295,10 @@ def run(cfg: Config, stack: Stack | None = None, *, keep_db: bool = False, out: 
         for ev in schedule(cfg, chaos.pg is not None):
             chaos.apply(ev, rid, compare)
         chaos.complete(rid)
+        if chaos.s.rollout_status == "completed":
+            chaos.check_writes()
+            if cfg.sweep_restart:
+                chaos.restart_after_sweep()
     finally:
         chaos.stop()
     chaos.finish(keep_db, out)

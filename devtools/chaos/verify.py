@@ -98,6 +98,9 @@ def table(s: Summary) -> str:
         ),
         ("GET /rollouts/{id} reads", json.dumps(s.rollout_reads)),
         ("search latency", f"p50 {s.search_p50_ms} ms, p99 {s.search_p99_ms} ms, failovers {s.search_failovers}"),
+        ("writers (POST /items)", f"{s.written_items} items accepted, answers {json.dumps(s.writes)}"),
+        ("written items found by self-query", f"{s.written_found} (per API) of {s.written_items}"),
+        ("restart after the retention sweep", json.dumps(s.sweep_restart)),
         *([("first errors", " // ".join(s.search_errors[:5]))] if s.search_errors else []),
         ("result", "OK" if s.ok else "FAILED: " + "; ".join(s.problems)),
     ]

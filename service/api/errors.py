@@ -1,7 +1,8 @@
 """Error bodies: every 4xx/5xx names the field and the problem, `{"detail": {"field", "problem"}}`.
 
 One handler turns the domain's `DomainError` into its status code; the others give FastAPI's own refusals
-(validation, HTTP exceptions) and an unreachable database or Redis the same body. The shape is declared on
+(validation, HTTP exceptions), a value the database refuses (422) and an unreachable database or Redis
+(503) the same body. The shape is declared on
 every route through `schemas.error_responses`.
 """
 
@@ -49,13 +50,19 @@ def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or "body"
 
 
+_BASE64_ERRORS = {"string_pattern_mismatch", "string_too_short"}  # what the `*_b64` fields' schema refuses
+
+
 def _describe(e: dict[str, Any]) -> ErrorDetail:
     if e.get("type") == "json_invalid":  # loc is ("body", <character position>), not a field
         loc = e.get("loc", ())
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         error = (e.get("ctx") or {}).get("error", "")
         return ErrorDetail(field="body", problem=f"invalid JSON{where}" + (f" ({error})" if error else ""))
-    return ErrorDetail(field=field_name(e.get("loc", ())), problem=str(e.get("msg", "invalid")))
+    loc = tuple(e.get("loc", ()))
+    if loc and str(loc[-1]).endswith("_b64") and e.get("type") in _BASE64_ERRORS:
+        return ErrorDetail(field=field_name(loc), problem="not valid base64 (standard alphabet, padded)")
+    return ErrorDetail(field=field_name(loc), problem=str(e.get("msg", "invalid")))
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
@@ -125,11 +132,24 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _data_error(_: Request, exc: Exception) -> JSONResponse:
+    """A value the database refuses (a NUL byte in text, an integer beyond its column, an invalid literal):
+    the request is at fault, so a 422 and not a 500. The driver's first line says what; the SQL never leaves
+    the server (it is logged at debug level only)."""
+    assert isinstance(exc, sa_exc.DataError)
+    lines = str(exc.orig if exc.orig is not None else "").strip().splitlines()
+    reason = (lines[0] if lines else type(exc.orig).__name__)[:200]
+    log.warning("database refused a value from a request: %s", reason)
+    log.debug("refused statement: %s", exc.statement)
+    return JSONResponse(status_code=422, content=error_json("request", f"a value the database refuses: {reason}"))
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers that give every error the `ErrorBody` shape."""
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(sa_exc.OperationalError, _unavailable)
+    app.add_exception_handler(sa_exc.DataError, _data_error)
     app.add_exception_handler(redis.ConnectionError, _unavailable)
     app.add_exception_handler(redis.TimeoutError, _unavailable)

@@ -208,7 +208,7 @@ def test_body_and_count_limits(client: TestClient) -> None:
     big = "A" * (MAX_BODY + 10)
     r = client.post("/search", json={"image_b64": big})
     assert r.status_code == 413 and r.json()["detail"]["field"] == "body"
-    r = client.post("/search", json={"image_b64": "x", "k": 10_000})
+    r = client.post("/search", json={"image_b64": "AAAA", "k": 10_000})
     assert r.status_code == 422 and r.json()["detail"]["field"] == "k"
     r = client.post("/search/batch", json={"queries": [{"image_b64": "AAAA"}] * 300})
     assert r.status_code == 422 and r.json()["detail"]["field"] == "queries"

@@ -1,10 +1,13 @@
 """A reduced chaos run (devtools/chaos/) for CI: worker SIGKILLs, an API restart, a Redis FLUSHDB and an 8 s
-database outage during a rollout on the test Postgres database, a client searching all along. The Postgres
+database outage during a rollout on the test Postgres database, a client searching and two writers adding
+items all along, and after completion an API restart right after the retention sweep. The Postgres
 server is not stopped here (other tests share it): the API and worker reach it through a TCP proxy that the
 run cuts. The full script stops the real server.
 
 Asserted (by the script's own checks): the rollout completes, v2 embeddings == live items, no task left
-pending/leased, every search 2xx, the restarted API answers a fixed query set identically."""
+pending/leased, every search 2xx, the restarted API answers a fixed query set identically, every item a
+writer got a 200 for finds itself through /search on both APIs, and once the sweep has deleted every v1
+vector a restarted API finds every live item by its own image from its first 200 on /readyz."""
 
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ def test_rollout_survives_worker_kills_api_restart_redis_flush_and_db_outage(
         compare_queries=10,
         complete_timeout=120.0,
         tiny=True,
+        writers=2,
+        write_batch=2,
+        write_interval=0.5,
+        sweep_restart=True,
     )
     stack = chaos.Stack(str(settings.database_url), str(settings.redis_url), tmp_path, tmp_path)
     summary = chaos.run(cfg, stack, out=tmp_path / "chaos")
@@ -46,8 +53,13 @@ def test_rollout_survives_worker_kills_api_restart_redis_flush_and_db_outage(
     assert summary.pg_down_seconds >= 8.0 and summary.db_outage == "proxy"
     assert summary.rollout_reads.get("2xx", 0) > 0  # DB-backed reads: 2xx, or 503 during the outage only
     assert summary.restart_results_equal == [True]
-    assert summary.v2_equals_live and summary.v2_rows == summary.live_items == 400
-    assert summary.tasks == {"pending": 0, "leased": 0, "done": 400, "failed": 0}
+    assert summary.written_items > 0 and summary.writes.get("200", 0) > 0
+    assert summary.written_found == [summary.written_items] * 2  # on both APIs
+    assert summary.v2_equals_live and summary.v2_rows == summary.live_items == 400 + summary.written_items
+    assert summary.tasks["pending"] == summary.tasks["leased"] == summary.tasks["failed"] == 0
+    assert summary.tasks["done"] >= 400  # items written before the plan's scan have tasks too
+    sweep = summary.sweep_restart
+    assert sweep["old_rows_left"] == 0 and sweep["found"] == sweep["live"] == summary.live_items
     assert summary.searches > 0 and summary.search_2xx == summary.searches
     assert (tmp_path / "chaos" / "summary.json").exists()
 
