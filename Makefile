@@ -1,4 +1,5 @@
-# The two commands a newcomer needs: `make demo` (see the system work) and `make test` (pass the tests).
+# The commands a newcomer needs: `make demo` (see the system work), `make test` (pass the tests) and, with
+# Docker, `make deploy-test` (the compose stack built and run for real).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv services artifacts eval bench clean
+.PHONY: demo test deploy-test lint venv services artifacts eval bench mutation clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,11 @@ services:
 ## Run the test suite against real Postgres and Redis (started or installed when needed).
 test: $(STAMP) services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Build the image and run the compose stack for real: rollout, every item searchable, Prometheus, dashboard.
+## Needs Docker (or ../shared/tools/sandbox-docker); see the README's "Run the full stack".
+deploy-test: $(STAMP)
+	bash scripts/deploy-test.sh
 
 ## Lint and type-check.
 lint: $(STAMP)
@@ -50,6 +56,10 @@ eval: $(STAMP)
 ## Benchmarks (ratios measured side by side in one run).
 bench: $(STAMP)
 	$(BIN)/backfill bench
+
+## Mutation testing of the modules that guard the invariants (mutmut; CPU-heavy, not run by CI).
+mutation: $(STAMP) services
+	$(BIN)/python scripts/mutation.py --fresh
 
 clean:
 	rm -rf runs data .pytest_cache .mypy_cache .ruff_cache

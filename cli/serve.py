@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from service.config import Settings, get_settings
+from service.config import Settings, check_startup, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -27,9 +27,10 @@ def serve(
     """Run the HTTP API (uvicorn)."""
     import uvicorn
 
-    from service.redis_conn import redis_url
+    from service.redis_conn import redis_url, stop_embedded
 
     settings = get_settings()
+    check_startup(settings)  # a missing artifacts folder or a bad index factory stops here, in one line
     # Before the workers fork: start the embedded Redis (exports its URL to them) and migrate SQLite
     # once, rather than racing migrations in every worker.
     redis_url(settings)
@@ -39,14 +40,17 @@ def serve(
         upgrade_head(settings)
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="backfill-prom-")
-    uvicorn.run(
-        "service.api.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=settings.log_level.lower(),
-    )
+    try:
+        uvicorn.run(
+            "service.api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        stop_embedded()  # a clean stop; on a signal the embedded Redis dies with this process anyway
 
 
 @contextmanager
@@ -114,6 +118,25 @@ def models_add(
         typer.echo(f"refused: {e.problem}", err=True)
         raise typer.Exit(2) from e
     typer.echo(f"registered {row.name} (dim {row.dim}, {row.status}) from {row.artifact_path}")
+
+
+@models_app.command("export-onnx")
+def models_export_onnx(
+    source: Path = typer.Argument(..., exists=True, file_okay=False, help="A TorchScript encoder artifact folder."),
+    out: Path = typer.Argument(..., help="The folder to write the ONNX artifact to."),
+    name: str = typer.Option(None, help="The exported model's name (default: the source's)."),
+) -> None:
+    """Write a TorchScript encoder as an ONNX artifact (same input spec; needs the `onnx` extra). Register it
+    with `backfill models add OUT`."""
+    from models.artifacts import export_onnx, load_encoder
+    from models.validate import probe_batch
+
+    export_onnx(source, out, name=name)
+    a, b = load_encoder(source), load_encoder(out)
+    gap = float(abs(a.embed(probe_batch(a.spec)) - b.embed(probe_batch(b.spec))).max())
+    typer.echo(
+        f"wrote {out} ({b.name}, onnx, dim {b.dim}); largest difference from TorchScript on a probe batch: {gap:.2e}"
+    )
 
 
 @models_app.command("list")

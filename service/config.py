@@ -7,17 +7,30 @@ Production sets ``BACKFILL_DATABASE_URL`` (Postgres) and ``BACKFILL_REDIS_URL``.
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEAK_TOKENS = {"", "changeme", "change-me", "secret", "password", "token", "operator", "dev-operator-token"}
 MIN_TOKEN_LENGTH = 16
+ENV_PREFIX = "BACKFILL_"
+
+# A list setting takes a comma-separated value (`BACKFILL_API_KEYS=key1,key2`) or a JSON list.
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _in_container() -> bool:
+    return Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()
+
+
+class SettingsError(ValueError):
+    """A bad setting, in one line: the environment variable, its value and what is expected."""
 
 
 class Settings(BaseSettings):
@@ -39,10 +52,10 @@ class Settings(BaseSettings):
         SecretStr("dev-operator-token"),
         description="Bearer token for mutating endpoints; required (>= 16 chars) in production.",
     )
-    api_keys: list[str] = Field(
+    api_keys: CommaList = Field(
         default_factory=list,
-        description="Optional API keys (X-API-Key) for every read: search, items, models, rollouts; "
-        "the operator token also passes; empty = open.",
+        description="Optional API keys (X-API-Key, comma-separated) for every read: search, items, models, "
+        "rollouts; the operator token also passes; empty = open.",
     )
     artifacts_dir: Path = Field(REPO_ROOT / "artifacts", description="Model and compat-pack artifacts.")
     default_model: str = Field("v1", description="Serving model of an empty database.")
@@ -80,11 +93,37 @@ class Settings(BaseSettings):
     train_probe_share: float = Field(
         0.2, gt=0, lt=1, description="Share of that sample held out to predict each path's curve."
     )
+    train_steps: int = Field(
+        600,
+        ge=1,
+        le=100_000,
+        description="Optimiser steps for each of psi and h when a rollout trains its pack (epochs follow the sample).",
+    )
     purge_on_abort: bool = Field(False, description="Delete the new model's embeddings when aborting.")
     queue_name: str = Field("backfill", description="RQ queue name.")
-    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+    cors_origins: CommaList = Field(
+        default_factory=list, description="Allowed CORS origins (comma-separated); none by default."
+    )
     log_level: str = Field("INFO", description="Python log level.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Worker metrics HTTP port (0 = off).")
+    metrics_host: str | None = Field(
+        None, description="Worker metrics bind address. Default: 127.0.0.1, or 0.0.0.0 inside a container."
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                import json
+
+                try:
+                    return json.loads(text)
+                except ValueError as e:
+                    raise ValueError(f"a comma-separated list or a JSON list ({e})") from e
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return v
 
     @field_validator("log_level")
     @classmethod
@@ -142,8 +181,56 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.sqlalchemy_url.startswith("sqlite")
 
+    @property
+    def metrics_bind(self) -> str:
+        """Where the worker's metrics listen: the setting, else loopback (any address inside a container,
+        where Prometheus scrapes from another one)."""
+        if self.metrics_host:
+            return self.metrics_host
+        return "0.0.0.0" if _in_container() else "127.0.0.1"
+
+
+def describe_error(err: ValidationError) -> str:
+    """One line per ValidationError: `BACKFILL_X='value': problem` for each failing setting, joined by '; '."""
+    parts = []
+    for e in err.errors():
+        if not e["loc"]:  # a whole-model check (the production token) names its variable itself
+            parts.append(str(e["msg"]).removeprefix("Value error, "))
+            continue
+        var = ENV_PREFIX + str(e["loc"][0]).upper()
+        raw = os.environ.get(var)
+        shown = "" if raw is None else f"={raw!r}"
+        if "token" in var.lower() or "key" in var.lower():
+            shown = ""  # never echo a secret
+        parts.append(f"{var}{shown}: {str(e['msg']).removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
-    return Settings()
+    """The process's settings, read once from the environment; a bad value raises `SettingsError` (one line
+    naming the variable) instead of pydantic's multi-line report."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise SettingsError(describe_error(e)) from None
+
+
+def check_startup(settings: Settings) -> None:
+    """What cannot work, found before the process starts serving: a missing artifacts folder and an index
+    factory FAISS does not understand. Raises `SettingsError`."""
+    if not settings.artifacts_dir.is_dir():
+        raise SettingsError(
+            f"BACKFILL_ARTIFACTS_DIR={str(settings.artifacts_dir)!r}: no such directory "
+            "(expected the folder holding the model artifacts, e.g. ./artifacts)"
+        )
+    import faiss
+
+    try:
+        faiss.index_factory(64, settings.index_factory)
+    except Exception as e:
+        problem = str(e).strip().rsplit(": ", 1)[-1] or type(e).__name__
+        raise SettingsError(
+            f"BACKFILL_INDEX_FACTORY={settings.index_factory!r}: FAISS cannot build it ({problem}); "
+            "expected a factory string such as Flat, IVF1024,Flat or HNSW32"
+        ) from None

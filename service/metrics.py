@@ -84,6 +84,12 @@ ROLLOUT_PENDING = Gauge(
 ROLLOUT_TOTAL = Gauge("backfill_rollout_total_items", "Tasks of the active rollout.", multiprocess_mode="livemax")
 ROLLOUT_DONE = Gauge("backfill_rollout_done_items", "Tasks done.", multiprocess_mode="livemax")
 ROLLOUT_FAILED = Gauge("backfill_rollout_failed_items", "Tasks failed.", multiprocess_mode="livemax")
+ROLLOUT_FAILED_BY_REASON = Gauge(
+    "backfill_rollout_failed_items_by_reason",
+    "Failed tasks of the active (else the newest) rollout per reason (invalid payload, lease expired, exception type).",
+    ["reason"],
+    multiprocess_mode="livemax",
+)
 ROLLOUT_ITEMS_PER_SECOND = Gauge(
     "backfill_rollout_items_per_second", "Backfill rate over the last minute.", multiprocess_mode="livemax"
 )

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from models.paths import Choice
 from service import events, paths
 from service.config import Settings
 from service.db import queries
@@ -96,26 +97,42 @@ def task_counts(session: Session, rollout_id: int) -> dict[str, int]:
     return counts
 
 
-def progress(session: Session, rollout: Rollout, now: dt.datetime | None = None) -> Progress:
-    """Totals, rate over the last minute (from `done_at`) and an ETA at that rate."""
+def _grouped_counts(session: Session, ids: list[int], since: dt.datetime) -> dict[int, tuple[dict[str, int], int]]:
+    """Per rollout: task counts per state, and tasks done since `since`; one grouped query for all of them."""
+    recent = sa.func.count().filter(BackfillTask.done_at >= since)
+    rows = session.execute(
+        sa.select(BackfillTask.rollout_id, BackfillTask.state, sa.func.count(), recent)
+        .where(BackfillTask.rollout_id.in_(ids))
+        .group_by(BackfillTask.rollout_id, BackfillTask.state)
+    ).all()
+    out = {i: ({"pending": 0, "leased": 0, "done": 0, "failed": 0}, 0) for i in ids}
+    for rollout_id, state, n, done_recently in rows:
+        counts, done_recent = out[rollout_id]
+        counts[state] = int(n)
+        out[rollout_id] = (counts, int(done_recently) if state == "done" else done_recent)
+    return out
+
+
+def progresses(session: Session, rollouts: list[Rollout], now: dt.datetime | None = None) -> dict[int, Progress]:
+    """Totals, rate over the last minute (from `done_at`) and an ETA at that rate, per rollout (one query)."""
     now = now or utcnow()
-    c = task_counts(session, rollout.id)
-    since = now - dt.timedelta(seconds=RATE_WINDOW_SECONDS)
-    recent = session.scalar(
-        sa.select(sa.func.count()).where(
-            BackfillTask.rollout_id == rollout.id,
-            BackfillTask.state == "done",
-            BackfillTask.done_at >= since,
-        )
-    )
+    counted = _grouped_counts(session, [r.id for r in rollouts], now - dt.timedelta(seconds=RATE_WINDOW_SECONDS))
+    return {r.id: _progress(r, *counted[r.id], now=now) for r in rollouts}
+
+
+def progress(session: Session, rollout: Rollout, now: dt.datetime | None = None) -> Progress:
+    return progresses(session, [rollout], now)[rollout.id]
+
+
+def _progress(rollout: Rollout, c: dict[str, int], recent: int, now: dt.datetime) -> Progress:
     # A rollout younger than the window is measured over its own age, not diluted over 60 s.
     window = RATE_WINDOW_SECONDS
     if rollout.started_at is not None:
         age = (now - rollout.started_at).total_seconds()
         window = min(window, max(age, 1.0))
-    rate = (recent or 0) / window
+    rate = recent / window
     remaining = c["pending"] + c["leased"]
-    if remaining == 0:
+    if remaining == 0 and rollout.status not in ("training", "planning"):  # no tasks yet is not "done"
         eta: float | None = 0.0
     elif rate > 0 and rollout.status == "running":
         eta = remaining / rate
@@ -151,6 +168,12 @@ def rollout_view(session: Session, rollout: Rollout) -> RolloutView:
     return RolloutView(rollout, progress(session, rollout))
 
 
+def rollout_views(session: Session, rollouts: list[Rollout]) -> list[RolloutView]:
+    """Several rollouts with their progress, counted in one grouped query (not one scan per rollout)."""
+    counted = progresses(session, rollouts)
+    return [RolloutView(r, counted[r.id]) for r in rollouts]
+
+
 def export_progress(view: RolloutView) -> None:
     """Set the rollout gauges from a rollout view (the active rollout, or the one that just ended)."""
     from service import metrics
@@ -172,6 +195,9 @@ def refresh_progress_metrics(session: Session) -> RolloutView | None:
         return None
     view = rollout_view(session, rollout)
     export_progress(view)
+    from service.pages import export_failure_reasons
+
+    export_failure_reasons(session, rollout.id)
     return view
 
 
@@ -204,6 +230,51 @@ def create_rollout(
     """Validate and insert a rollout in `planning` (or `training` when the pair has no compat pack yet: a
     worker trains one on the gallery first); the caller enqueues the next job after this returns.
     `mode` is a preference: `auto` or a path (service/paths.py chooses or refuses it)."""
+    plan = plan_upgrade(session, settings, to, mode, policy, batch_size, max_items_per_second, force)
+    rollout = Rollout(
+        from_version=plan.current,
+        to_version=to,
+        status=plan.status,
+        batch_size=batch_size or settings.batch_size,
+        max_items_per_second=plan.throttle,
+        purge_on_abort=settings.purge_on_abort,
+        active_lock=1,
+    )
+    paths.apply_choice(rollout, plan.choice, mode)
+    if plan.status == "training":
+        rollout.training = {"sample": settings.train_sample, "sample_done": 0}
+    session.add(rollout)
+    try:
+        session.commit()
+    except IntegrityError as e:
+        # Lost the race on uq_rollouts_active_lock against a concurrent create.
+        session.rollback()
+        raise Conflict("rollout", "another rollout is already active") from e
+    _publish(r, rollout)
+    return rollout
+
+
+@dataclass(frozen=True)
+class UpgradePlan:
+    """What `create_rollout` would insert: from which model, in which status, on which path."""
+
+    current: str
+    status: str  # planning, or training (no compat pack for the pair yet)
+    choice: Choice
+    throttle: float | None
+
+
+def plan_upgrade(
+    session: Session,
+    settings: Settings,
+    to: str,
+    mode: str,
+    policy: str,
+    batch_size: int | None,
+    max_items_per_second: float | None,
+    force: bool,
+) -> UpgradePlan:
+    """Every check of an upgrade and its path choice, writing nothing (also `POST /upgrade?dry_run=true`)."""
     if mode not in paths.PREFERENCES:
         raise InvalidRequest("mode", f"must be one of {', '.join(paths.PREFERENCES)}")
     if policy not in POLICIES:
@@ -226,27 +297,7 @@ def create_rollout(
         choice, status = paths.while_training(mode, policy), "training"
     else:
         choice, status = paths.choose_path(session, settings, current.name, to, mode, policy, force), "planning"
-    rollout = Rollout(
-        from_version=current.name,
-        to_version=to,
-        status=status,
-        batch_size=batch_size or settings.batch_size,
-        max_items_per_second=throttle,
-        purge_on_abort=settings.purge_on_abort,
-        active_lock=1,
-    )
-    paths.apply_choice(rollout, choice, mode)
-    if status == "training":
-        rollout.training = {"sample": settings.train_sample, "sample_done": 0}
-    session.add(rollout)
-    try:
-        session.commit()
-    except IntegrityError as e:
-        # Lost the race on uq_rollouts_active_lock against a concurrent create.
-        session.rollback()
-        raise Conflict("rollout", "another rollout is already active") from e
-    _publish(r, rollout)
-    return rollout
+    return UpgradePlan(current.name, status, choice, throttle)
 
 
 def _lock(session: Session, rollout_id: int) -> Rollout:

@@ -72,8 +72,8 @@ def run_worker(
     if port > 0:
         from prometheus_client import start_http_server
 
-        start_http_server(port)
-        log.info("worker metrics on :%d/metrics", port)
+        start_http_server(port, addr=settings.metrics_bind)
+        log.info("worker metrics on %s:%d/metrics", settings.metrics_bind, port)
     ctx = configure(settings)
     worker = build_worker(ctx, name)
     maintain(ctx)

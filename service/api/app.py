@@ -10,8 +10,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
-from service.api import errors, items, models, rollouts, search, system
+from service.api import docs, errors, failures, items, models, openapi, rollouts, search, system
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.api.startup import interruptible_startup
 from service.config import Settings, get_settings
 from service.runtime import Runtime
 
@@ -23,17 +24,20 @@ STARTUP_READY_TIMEOUT_SECONDS = 60.0
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    runtime = Runtime.create(settings)
-    try:
-        await run_in_threadpool(runtime.start)
-    except BaseException:
-        runtime.stop()
-        raise
-    app.state.runtime = runtime
-    # Accept connections only once the indices are built (bounded): a restarted process that listened at once
-    # would answer /search with 503 "indices are still loading" until its first rebuild finished.
-    if not await run_in_threadpool(runtime.wait_ready, STARTUP_READY_TIMEOUT_SECONDS):
-        log.warning("indices not built after %.0fs; serving anyway (/readyz says 503)", STARTUP_READY_TIMEOUT_SECONDS)
+    with interruptible_startup():  # SIGTERM while this blocks (database down, index build) stops the process
+        runtime = Runtime.create(settings)
+        try:
+            await run_in_threadpool(runtime.start)
+        except BaseException:
+            runtime.stop()
+            raise
+        app.state.runtime = runtime
+        # Accept connections only once the indices are built (bounded): a restarted process that listened at
+        # once would answer /search with 503 "indices are still loading" until its first rebuild finished.
+        if not await run_in_threadpool(runtime.wait_ready, STARTUP_READY_TIMEOUT_SECONDS):
+            log.warning(
+                "indices not built after %.0fs; serving anyway (/readyz says 503)", STARTUP_READY_TIMEOUT_SECONDS
+            )
     try:
         yield
     finally:
@@ -49,15 +53,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Nearest-neighbour search that upgrades its embedding model without downtime.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by service.api.docs with local assets (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.runtime = None
     errors.install(app)
+    docs.install(app)
+    openapi.install(app, settings)
     app.include_router(system.router)
     app.include_router(models.router)
     app.include_router(search.router)
     app.include_router(items.router)
     app.include_router(rollouts.router)
+    app.include_router(failures.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

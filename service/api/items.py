@@ -1,16 +1,18 @@
-"""Gallery endpoints: POST /items, GET /items/{id}, DELETE /items/{id}."""
+"""Gallery endpoints: POST /items, GET /items (pages and counts), GET /items/{id}, DELETE /items/{id}."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 
 from service import events
 from service.api.deps import ApiKeyDep, OperatorDep, RuntimeDep, SessionDep, SettingsDep
 from service.api.images import decode_image
+from service.api.operator_schemas import ItemsPageOut
 from service.api.schemas import ITEM_ID_PATTERN, DeletedOut, ItemOut, ItemsIn, ItemsOut, error_responses
 from service.gallery import NewItem, add_items, delete_item, get_item
+from service.pages import MAX_PAGE, list_items
 
 router = APIRouter(tags=["gallery"])
 
@@ -38,6 +40,24 @@ def post_items(body: ItemsIn, session: SessionDep, runtime: RuntimeDep, settings
     return ItemsOut(
         created=res.created, existing=res.existing, revived=res.revived, models=res.models, searchable=searchable
     )
+
+
+@router.get(
+    "/items",
+    response_model=ItemsPageOut,
+    dependencies=[ApiKeyDep],
+    responses=error_responses(401, 404, 422, 503),
+)
+def read_items(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")] = 100,
+    cursor: Annotated[str | None, Query(max_length=64, description="`next_cursor` of the previous page.")] = None,
+    model: Annotated[
+        str | None, Query(min_length=1, max_length=64, description="Only items embedded in this model's space.")
+    ] = None,
+) -> ItemsPageOut:
+    """Live items in insertion order, a page at a time, with the total (in one model's space with `model`)."""
+    return ItemsPageOut.of(list_items(session, limit=limit, cursor=cursor, model=model))
 
 
 @router.get(

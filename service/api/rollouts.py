@@ -10,21 +10,26 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, status
+from fastapi import APIRouter, Body, Path, Query, status
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
+from service import preflight
 from service import rollback as rollback_domain
 from service import rollouts as domain
 from service.api.deps import ApiKeyDep, OperatorDep, RuntimeDep, SessionDep
+from service.api.operator_schemas import UpgradePreviewOut
 from service.api.schemas import (
     AbortRequest,
     RolloutOut,
     RolloutPatch,
     RolloutsOut,
     UpgradeRequest,
+    WorkersOut,
     error_responses,
 )
 from service.db.models import Rollout
+from service.liveness import safe_liveness
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +41,8 @@ RolloutId = Annotated[int, Path(ge=1, le=2**63 - 1)]  # a BIGINT: larger ids are
 _CONTROL = error_responses(400, 401, 404, 409, 413, 422, 503)
 
 
-def _view(session: Session, rollout: Rollout) -> RolloutOut:
-    view = domain.rollout_view(session, rollout)
+def _view(session: Session, rollout: Rollout, view: domain.RolloutView | None = None) -> RolloutOut:
+    view = view or domain.rollout_view(session, rollout)
     if rollout.active_lock == 1:  # the gauges describe the active rollout; the runtime refreshes the rest
         domain.export_progress(view)
     return RolloutOut.of(view)
@@ -52,15 +57,60 @@ def _enqueue(runtime: Any, rollout: Rollout) -> None:
         log.warning("enqueue for rollout %s failed (%s); workers will pick it up", rollout.id, e)
 
 
+enqueue_after_commit = _enqueue
+
+
+def rollout_out(session: Session, runtime: Any, rollout: Rollout, view: domain.RolloutView | None = None) -> RolloutOut:
+    """The rollout's view and, while it is active, who works on it (a warning when nothing does)."""
+    out = _view(session, rollout, view)
+    if rollout.active_lock == 1 and runtime is not None:
+        live = safe_liveness(runtime.redis, runtime.settings, rollout, out.total - out.done - out.failed)
+        if live is not None:
+            out.workers = WorkersOut(registered=live.workers, jobs_alive=live.jobs_alive, warning=live.warning)
+    return out
+
+
 @router.post(
     "/upgrade",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=RolloutOut,
     dependencies=[OperatorDep],
-    responses=_CONTROL,
+    responses={**_CONTROL, 200: {"model": UpgradePreviewOut, "description": "The dry run's preview"}},
 )
-def upgrade(body: UpgradeRequest, session: SessionDep, runtime: RuntimeDep) -> RolloutOut:
-    """Start a rollout to another registered model; 409 while another rollout is active."""
+def upgrade(
+    body: UpgradeRequest,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    dry_run: Annotated[bool, Query(description="Answer what would happen (200), changing nothing.")] = False,
+) -> Any:
+    """Start a rollout to another registered model; 409 while another rollout is active. `?dry_run=true`
+    answers 200 with what it would do (items, compat pack or training, path, predicted curve, ETA)."""
+    if dry_run:
+        p = preflight.preview_upgrade(
+            session,
+            runtime.settings,
+            to=body.to,
+            mode=body.mode,
+            policy=body.policy,
+            batch_size=body.batch_size,
+            max_items_per_second=body.max_items_per_second,
+            force=body.force,
+        )
+        preview = UpgradePreviewOut(
+            from_=p.from_version,
+            to=p.to_version,
+            items=p.items,
+            compat_pack=p.compat_pack,
+            train_sample=p.train_sample,
+            status=p.status,
+            mode=p.mode,
+            policy=p.policy,
+            reason=p.reason,
+            predicted=p.predicted,
+            measured_items_per_second=p.measured_items_per_second,
+            eta_seconds=p.eta_seconds,
+        )
+        return JSONResponse(preview.model_dump(mode="json", by_alias=True), status_code=200)
     rollout = domain.create_rollout(
         session,
         runtime.settings,
@@ -77,9 +127,10 @@ def upgrade(body: UpgradeRequest, session: SessionDep, runtime: RuntimeDep) -> R
 
 
 @router.get("/rollouts", response_model=RolloutsOut, dependencies=[ApiKeyDep], responses=error_responses(401, 503))
-def list_rollouts(session: SessionDep) -> RolloutsOut:
+def list_rollouts(session: SessionDep, runtime: RuntimeDep) -> RolloutsOut:
     """Rollouts, newest first."""
-    return RolloutsOut(rollouts=[_view(session, r) for r in domain.list_rollouts(session)])
+    views = domain.rollout_views(session, domain.list_rollouts(session))  # one grouped count, not one per rollout
+    return RolloutsOut(rollouts=[rollout_out(session, runtime, v.rollout, v) for v in views])
 
 
 @router.get(
@@ -88,9 +139,9 @@ def list_rollouts(session: SessionDep) -> RolloutsOut:
     dependencies=[ApiKeyDep],
     responses=error_responses(401, 404, 422, 503),
 )
-def get_rollout(rollout_id: RolloutId, session: SessionDep) -> RolloutOut:
-    """One rollout with its progress (counts derived from task states), rate and ETA."""
-    return _view(session, domain.get_rollout(session, rollout_id))
+def get_rollout(rollout_id: RolloutId, session: SessionDep, runtime: RuntimeDep) -> RolloutOut:
+    """One rollout with its progress (counts derived from task states), rate, ETA, and its workers."""
+    return rollout_out(session, runtime, domain.get_rollout(session, rollout_id))
 
 
 @router.post(

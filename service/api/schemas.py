@@ -10,9 +10,10 @@ import datetime as dt
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 from models.paths import ENCODER_PASSES
+from models.preprocess import InputSpec
 from service.db.models import CompatPack, ModelVersion
 from service.gallery import ItemInfo
 from service.registry import Catalog
@@ -20,6 +21,35 @@ from service.rollouts import RolloutView
 from service.runtime import SearchHit, Serving
 
 MAX_ITEMS_PER_CALL = 1000
+# Standard base64 (RFC 4648, section 4) with its padding: what every `*_b64` field accepts, stated in the
+# OpenAPI document (pattern, contentEncoding) so that clients and schema-driven fuzzers know it.
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Request bodies take the JSON types their schema states: 0 is not `false`, "10" is not 10 (a 422).
+STRICT = ConfigDict(strict=True)
+
+
+def base64_field(description: str) -> Any:
+    """A required base64 string field (at least one 4-character group)."""
+    return Field(
+        ...,
+        min_length=4,
+        pattern=BASE64_PATTERN,
+        json_schema_extra={"contentEncoding": "base64"},
+        description=description,
+    )
+
+
+IMAGE_DESCRIPTION = "PNG, JPEG or NPY bytes, base64-encoded."
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 3.0 is the integer 3 (as JSON Schema says); strict mode still refuses "3"."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+INTEGRAL = BeforeValidator(_integral)  # after any bounds in an Annotated, or pydantic publishes "ge"/"le"
+JsonInt = Annotated[int, INTEGRAL]
 
 
 def iso(t: dt.datetime) -> str:
@@ -82,6 +112,9 @@ class ReadyOut(BaseModel):
     indices: str
     serving: ReadyServing | None = Field(None, description="Present when the indices are ready.")
     ingestion: str | None = Field(None, description="The ingestion follower's last error, if any.")
+    rollout: str | None = Field(
+        None, description="A warning about the active rollout (no live worker); search is still served."
+    )
 
 
 class ModelOut(BaseModel):
@@ -90,17 +123,22 @@ class ModelOut(BaseModel):
     status: str
     checksum: str
     artifact: str = Field(description="The artifact's folder name (no server paths are published).")
+    format: str = Field(description="torchscript or onnx.")
+    input: dict[str, Any] = Field(description="The input spec the service preprocesses images to for this model.")
     metrics: dict[str, Any] | None
 
     @classmethod
     def of(cls, m: ModelVersion) -> ModelOut:
+        manifest = m.manifest or {}
         return cls(
             name=m.name,
             dim=m.dim,
             status=m.status,
             checksum=m.checksum,
             artifact=PurePath(m.artifact_path).name,
-            metrics=(m.manifest or {}).get("metrics"),
+            format=str(manifest.get("format", "torchscript")),
+            input=InputSpec.from_manifest(manifest.get("input")).to_manifest(),
+            metrics=manifest.get("metrics"),
         )
 
 
@@ -130,12 +168,37 @@ class CompatPackOut(BaseModel):
         )
 
 
-class ModelIn(BaseModel):
+class InputSpecIn(BaseModel):
+    """A model's input: images are converted to `channels`, brought to `size` by `resize` ("stretch"; "crop":
+    shorter side to size / crop_fraction, then a centre crop; "pad": fit and pad with black), scaled to
+    [0, 1] and normalised per channel with `mean` and `std` (one value per channel)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    dim: int = Field(ge=1, le=65_536, description="The embedding dimension the module outputs.")
-    model_b64: str = Field(min_length=1, description="The TorchScript file (`torch.jit.save`), base64.")
+    channels: Literal[1, 3] = 1
+    size: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default=[28, 28], min_length=2, max_length=2, description="[height, width]."
+    )
+    resize: Literal["stretch", "crop", "pad"] = "stretch"
+    crop_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    mean: list[float] | None = Field(None, description="One per channel; default 0.")
+    std: list[float] | None = Field(None, description="One per channel, positive; default 1.")
+
+
+class ModelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=MODEL_NAME_PATTERN)
+    dim: JsonInt = Field(ge=1, le=65_536, description="The embedding dimension the module outputs.")
+    model_b64: str = base64_field(
+        description="The model file, base64: TorchScript (`torch.jit.save`) or ONNX, as `format` says."
+    )
+    format: Literal["torchscript", "onnx"] = "torchscript"
+    input: InputSpecIn = Field(
+        default_factory=InputSpecIn,
+        description="What the model takes; the service fits every image to it (default: 28 x 28 gray in [0, 1]).",
+    )
 
 
 class ModelsOut(BaseModel):
@@ -152,17 +215,23 @@ class ModelsOut(BaseModel):
 
 # --- search ----------------------------------------------------------------------------------------------
 class SearchIn(BaseModel):
-    image_b64: str = Field(..., min_length=1, description="PNG, JPEG or NPY bytes, base64-encoded.")
-    k: int = Field(10, ge=1, description="Number of results (at most the max_k setting).")
+    model_config = STRICT
+
+    image_b64: str = base64_field(IMAGE_DESCRIPTION)
+    k: JsonInt = Field(10, ge=1, description="Number of results (at most the max_k setting).", examples=[10])
 
 
 class QueryIn(BaseModel):
-    image_b64: str = Field(..., min_length=1)
+    model_config = STRICT
+
+    image_b64: str = base64_field(IMAGE_DESCRIPTION)
 
 
 class SearchBatchIn(BaseModel):
+    model_config = STRICT
+
     queries: list[QueryIn] = Field(..., min_length=1)
-    k: int = Field(10, ge=1)
+    k: JsonInt = Field(10, ge=1)
 
 
 class HitOut(BaseModel):
@@ -201,6 +270,8 @@ ITEM_ID_PATTERN = r"^[^/\\\x00-\x1f\x7f]+$"
 
 # --- gallery ---------------------------------------------------------------------------------------------
 class ItemIn(BaseModel):
+    model_config = STRICT
+
     id: str = Field(
         ...,
         min_length=1,
@@ -209,11 +280,15 @@ class ItemIn(BaseModel):
         description="External id (idempotency key): no '/', backslash or control characters, so GET and DELETE "
         "/items/{id} can address it.",
     )
-    image_b64: str = Field(..., min_length=1)
-    label: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="Optional class label (32-bit).")
+    image_b64: str = base64_field(IMAGE_DESCRIPTION)
+    label: Annotated[int, Field(ge=-(2**31), le=2**31 - 1), INTEGRAL] | None = Field(
+        None, description="Optional class label (32-bit)."
+    )
 
 
 class ItemsIn(BaseModel):
+    model_config = STRICT
+
     items: list[ItemIn] = Field(..., min_length=1, max_length=MAX_ITEMS_PER_CALL)
 
 
@@ -254,9 +329,15 @@ class DeletedOut(BaseModel):
 
 # --- rollouts --------------------------------------------------------------------------------------------
 class UpgradeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    to: str = Field(min_length=1, max_length=64, description="Registered model to upgrade to.")
+    to: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=MODEL_NAME_PATTERN,
+        description="Registered model to upgrade to (422 when it is not registered or already serving).",
+        examples=["v2"],
+    )
     mode: Literal["auto", "reverse", "forward", "two-pass", "old-only"] = Field(
         "auto",
         description="Query path preference: `auto` takes the path with the highest predicted AUC that never "
@@ -266,7 +347,7 @@ class UpgradeRequest(BaseModel):
         "uncertainty",
         description="Backfill order; `uncertainty` falls back to `random` where it is not predicted to beat it.",
     )
-    batch_size: int | None = Field(None, ge=1, le=100_000)
+    batch_size: Annotated[int, Field(ge=1, le=100_000), INTEGRAL] | None = None
     max_items_per_second: float | None = Field(None, gt=0, allow_inf_nan=False)
     force: bool = Field(False, description="Take an explicit path even where it is predicted to dip.")
 
@@ -274,7 +355,7 @@ class UpgradeRequest(BaseModel):
 class RolloutPatch(BaseModel):
     """Only the fields present change: the throttle (null clears it) and/or the query path."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_items_per_second: float | None = Field(None, gt=0, allow_inf_nan=False)
     mode: Literal["auto", "reverse", "forward", "two-pass", "old-only"] | None = None
@@ -282,7 +363,7 @@ class RolloutPatch(BaseModel):
 
 
 class AbortRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     purge: bool | None = Field(None, description="Delete the target model's embeddings (default: setting).")
 
@@ -300,6 +381,12 @@ class PathOut(BaseModel):
         description="The live probe: queries, k, baseline_map (old/old), last live_map and when it ran."
     )
     guard: dict[str, Any] | None = Field(description="The guard's last intervention (paused and fell back).")
+
+
+class WorkersOut(BaseModel):
+    registered: int = Field(description="RQ workers registered on the queue.")
+    jobs_alive: int = Field(description="Jobs of this rollout with a live heartbeat.")
+    warning: str | None = Field(description="Why the rollout may not progress (no live worker), or null.")
 
 
 class RolloutOut(BaseModel):
@@ -327,6 +414,7 @@ class RolloutOut(BaseModel):
         description="The training phase of a pair without a compat pack: sample, sample_done (items of the "
         "sample with a target vector), timings, done."
     )
+    workers: WorkersOut | None = Field(None, description="Who works on it (GET only; null when Redis is down).")
 
     @classmethod
     def of(cls, view: RolloutView) -> RolloutOut:

@@ -11,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import RuntimeDep
 from service.api.schemas import HealthOut, ReadyOut, ReadyServing
+from service.db import queries
+from service.liveness import safe_liveness
 from service.metrics import registry
 
 router = APIRouter(tags=["system"])
@@ -46,6 +48,22 @@ def _indices(runtime: Any) -> tuple[str, ReadyServing | None]:
     return "ok", ReadyServing(model=lay.query_model, rollout_id=lay.rollout_id, new=sides["new"], old=sides["old"])
 
 
+def _rollout_warning(runtime: Any) -> str | None:
+    """The active rollout's liveness warning (no live worker), or None; never fails the probe."""
+    from service.rollouts import task_counts
+
+    try:
+        with runtime.sessionmaker() as s:
+            rollout = queries.active_rollout(s)
+            if rollout is None:
+                return None
+            counts = task_counts(s, rollout.id)
+            live = safe_liveness(runtime.redis, runtime.settings, rollout, counts["pending"] + counts["leased"])
+    except Exception:
+        return None
+    return None if live is None else live.warning
+
+
 @router.get(
     "/readyz",
     response_model=ReadyOut,
@@ -65,6 +83,9 @@ def readyz(runtime: RuntimeDep, response: Response) -> ReadyOut:
     if runtime.follower is not None and runtime.follower.last_error:
         # the exception's type only: its text can carry SQL, hosts or paths (the log has the whole of it)
         out.ingestion = "error: " + runtime.follower.last_error.split(":", 1)[0]
+    warning = _rollout_warning(runtime) if database == "ok" and redis == "ok" else None
+    if warning is not None:
+        out.rollout = warning
     return out
 
 

@@ -59,6 +59,7 @@ ROLLOUT_KEYS = {
     "error",
     "path",
     "training",
+    "workers",
 }
 
 

@@ -10,7 +10,20 @@ from typer.main import get_command
 
 from cli import main
 
-EXPECTED = {"db", "serve", "models", "train", "eval", "worker", "upgrade", "status", "rollout", "demo", "bench"}
+EXPECTED = {
+    "db",
+    "serve",
+    "models",
+    "train",
+    "eval",
+    "worker",
+    "upgrade",
+    "status",
+    "rollout",
+    "items",
+    "demo",
+    "bench",
+}
 
 
 def test_every_command_module_is_listed_and_registered() -> None:
