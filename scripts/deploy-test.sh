@@ -31,7 +31,14 @@ log() { echo "[deploy-test $(date -u +%H:%M:%S) +$((SECONDS - T0))s] $*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
 mkdir -p "$OUT"
 
-SANDBOX=${SANDBOX_DOCKER:-$ROOT/../shared/tools/sandbox-docker/sandbox-docker.sh}
+# The sandbox script beside this checkout, else where these machines keep it (a CI clone may live elsewhere).
+SANDBOX=${SANDBOX_DOCKER:-}
+if [ -z "$SANDBOX" ]; then
+  for candidate in "$ROOT/../shared/tools/sandbox-docker/sandbox-docker.sh" /work/shared/tools/sandbox-docker/sandbox-docker.sh; do
+    if [ -f "$candidate" ]; then SANDBOX=$candidate; break; fi
+  done
+  SANDBOX=${SANDBOX:-$ROOT/../shared/tools/sandbox-docker/sandbox-docker.sh}
+fi
 STARTED_ENGINE="" ON_SANDBOX="" COMPOSE_CMD=()
 compose() { "${COMPOSE_CMD[@]}" "$@"; }
 cleanup() {
