@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from service.api.schemas import RolloutOut, Timestamp
 from service.pages import FailurePage, ItemPage
+from service.preflight import Preview
 
 
 class ItemSummaryOut(BaseModel):
@@ -88,3 +89,8 @@ class UpgradePreviewOut(BaseModel):
         description="Backfill rate of the last finished rollout (done items over its running time)."
     )
     eta_seconds: float | None = Field(description="items / measured rate; null without a measured rate.")
+
+    @classmethod
+    def of(cls, p: Preview) -> UpgradePreviewOut:
+        fields = {k: v for k, v in vars(p).items() if k not in ("from_version", "to_version")}
+        return cls(from_=p.from_version, to=p.to_version, **fields)

@@ -96,20 +96,7 @@ def upgrade(
             max_items_per_second=body.max_items_per_second,
             force=body.force,
         )
-        preview = UpgradePreviewOut(
-            from_=p.from_version,
-            to=p.to_version,
-            items=p.items,
-            compat_pack=p.compat_pack,
-            train_sample=p.train_sample,
-            status=p.status,
-            mode=p.mode,
-            policy=p.policy,
-            reason=p.reason,
-            predicted=p.predicted,
-            measured_items_per_second=p.measured_items_per_second,
-            eta_seconds=p.eta_seconds,
-        )
+        preview = UpgradePreviewOut.of(p)
         return JSONResponse(preview.model_dump(mode="json", by_alias=True), status_code=200)
     rollout = domain.create_rollout(
         session,
