@@ -6,11 +6,12 @@ import hmac
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.config import Settings
+from service.pages import MAX_PAGE
 
 _bearer = HTTPBearer(auto_error=False, description="Operator token")
 
@@ -70,3 +71,8 @@ SessionDep = Annotated[Session, Depends(get_session)]
 RuntimeDep = Annotated[Any, Depends(get_runtime)]
 OperatorDep = Depends(require_operator)
 ApiKeyDep = Depends(require_api_key)
+
+
+# Keyset pages (`GET /items`, `GET /rollouts/{id}/failures`; service/pages.py).
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Results per page.")]
+PageCursor = Annotated[str | None, Query(max_length=64, description="`next_cursor` of the previous page.")]

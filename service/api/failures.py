@@ -4,16 +4,14 @@ ended `failed` becomes active again). Included next to the rollout router."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from service import rollouts as domain
-from service.api.deps import ApiKeyDep, OperatorDep, RuntimeDep, SessionDep
+from service.api.deps import ApiKeyDep, OperatorDep, PageCursor, PageLimit, RuntimeDep, SessionDep
 from service.api.operator_schemas import FailuresOut, RetryOut
 from service.api.rollouts import RolloutId, enqueue_after_commit, rollout_out
 from service.api.schemas import error_responses
-from service.pages import MAX_PAGE, list_failures
+from service.pages import list_failures
 from service.retry import retry_failed
 
 router = APIRouter(tags=["rollouts"])
@@ -28,8 +26,8 @@ router = APIRouter(tags=["rollouts"])
 def failures(
     rollout_id: RolloutId,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Failures per page.")] = 100,
-    cursor: Annotated[str | None, Query(max_length=64, description="`next_cursor` of the previous page.")] = None,
+    limit: PageLimit = 100,
+    cursor: PageCursor = None,
 ) -> FailuresOut:
     """The rollout's failed items (id, attempts, last error, when), a page at a time, and counts per reason."""
     domain.get_rollout(session, rollout_id)

@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from service import events
-from service.api.deps import ApiKeyDep, OperatorDep, RuntimeDep, SessionDep, SettingsDep
+from service.api.deps import ApiKeyDep, OperatorDep, PageCursor, PageLimit, RuntimeDep, SessionDep, SettingsDep
 from service.api.images import decode_image
 from service.api.operator_schemas import ItemsPageOut
 from service.api.schemas import ITEM_ID_PATTERN, DeletedOut, ItemOut, ItemsIn, ItemsOut, error_responses
 from service.gallery import NewItem, add_items, delete_item, get_item
-from service.pages import MAX_PAGE, list_items
+from service.pages import list_items
 
 router = APIRouter(tags=["gallery"])
 
@@ -50,8 +50,8 @@ def post_items(body: ItemsIn, session: SessionDep, runtime: RuntimeDep, settings
 )
 def read_items(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")] = 100,
-    cursor: Annotated[str | None, Query(max_length=64, description="`next_cursor` of the previous page.")] = None,
+    limit: PageLimit = 100,
+    cursor: PageCursor = None,
     model: Annotated[
         str | None, Query(min_length=1, max_length=64, description="Only items embedded in this model's space.")
     ] = None,

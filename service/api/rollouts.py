@@ -48,16 +48,13 @@ def _view(session: Session, rollout: Rollout, view: domain.RolloutView | None = 
     return RolloutOut.of(view)
 
 
-def _enqueue(runtime: Any, rollout: Rollout) -> None:
+def enqueue_after_commit(runtime: Any, rollout: Rollout) -> None:
     # After the commit: a job never sees an uncommitted rollout. A Redis failure is not fatal: every worker's
     # maintenance loop re-enqueues what an active rollout needs.
     try:
         domain.enqueue_for(runtime.redis, runtime.settings, rollout)
     except Exception as e:
         log.warning("enqueue for rollout %s failed (%s); workers will pick it up", rollout.id, e)
-
-
-enqueue_after_commit = _enqueue
 
 
 def rollout_out(session: Session, runtime: Any, rollout: Rollout, view: domain.RolloutView | None = None) -> RolloutOut:
@@ -109,7 +106,7 @@ def upgrade(
         force=body.force,
         r=runtime.redis,
     )
-    _enqueue(runtime, rollout)
+    enqueue_after_commit(runtime, rollout)
     return _view(session, rollout)
 
 
@@ -151,7 +148,7 @@ def pause(rollout_id: RolloutId, session: SessionDep, runtime: RuntimeDep) -> Ro
 def resume(rollout_id: RolloutId, session: SessionDep, runtime: RuntimeDep) -> RolloutOut:
     """Resume a paused rollout."""
     rollout = domain.resume(session, rollout_id, r=runtime.redis)
-    _enqueue(runtime, rollout)
+    enqueue_after_commit(runtime, rollout)
     return _view(session, rollout)
 
 
