@@ -2,7 +2,7 @@
 # `make deploy-test`: the compose stack built and run for real, with the README's "Run the full stack" commands.
 #
 # 1. A Docker engine: the one `docker info` reaches; else the sandbox engine of ../shared/tools/sandbox-docker
-#    (or $SANDBOX_DOCKER), started here when it is not running and stopped again at the end.
+#    (or $SANDBOX_DOCKER, or /work/shared/...), started here when it is not running and stopped again at the end.
 # 2. Compose v2 (`docker compose`) when installed, else v1 (`docker-compose`); $COMPOSE overrides.
 # 3. Fresh random operator token and Postgres/Redis passwords; `compose config` must refuse to run without each.
 # 4. `compose build`, then `compose up -d --scale worker=2 api worker prometheus` (postgres, redis and migrate
