@@ -68,6 +68,17 @@ class Settings(BaseSettings):
     use_gpu: bool = Field(True, description="Use faiss-gpu / CUDA when present.")
     max_k: int = Field(100, ge=1, le=10_000, description="Largest k a search may ask for.")
     max_batch_queries: int = Field(256, ge=1, description="Largest /search/batch.")
+    search_batching: bool = Field(
+        True, description="Concurrent POST /search requests share one encoder and FAISS call (micro-batching)."
+    )
+    search_batch_max: int = Field(32, ge=1, le=1024, description="Most POST /search requests in one batch.")
+    search_batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Longest a POST /search request waits for others to join its batch (never after a batch of "
+        "one; 0: only those that queued while the previous batch ran).",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Request body size limit.")
     max_image_pixels: int = Field(1024 * 1024, ge=64, description="Largest decoded image (pixels).")
     ingest_poll_seconds: float = Field(0.5, gt=0, description="Embedding-table poll interval of the API.")

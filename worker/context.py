@@ -27,6 +27,7 @@ from service.db.models import CompatPack as CompatPackRow
 from service.db.models import ModelVersion
 from service.model_cache import EncoderRef, ModelCache, PackRef
 from service.redis_conn import make_redis
+from worker.stages import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class WorkerContext:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     stop: threading.Event = field(default_factory=threading.Event)
     models: ModelCache = field(init=False)
+    stages: StageClock | None = None  # per-stage timings (the backfill bench sets one; see worker.stages)
     _device: str | None = None
 
     def __post_init__(self) -> None:
@@ -73,6 +75,36 @@ class WorkerContext:
     def insert(self, model: Any) -> Any:
         """The dialect's INSERT (for `on_conflict_do_nothing`)."""
         return postgresql.insert(model) if self.is_postgres else sqlite.insert(model)
+
+
+# --- threads: the encoder's torch pool leaves a core to the loader/committer threads and the database ----
+TORCH_THREADS_ENV = "BACKFILL_WORKER_TORCH_THREADS"
+
+
+def encoder_threads(cores: int | None = None) -> int:
+    """Torch intra-op threads for a worker process: `$BACKFILL_WORKER_TORCH_THREADS` when set (> 0), else
+    one less than the cores (at least one). The driver's loader and committer threads and Postgres need a
+    core while the encoder runs; a torch pool over every core makes them wait for it (measured in the
+    backfill bench, docs/performance.md)."""
+    raw = os.environ.get(TORCH_THREADS_ENV, "").strip()
+    if raw:
+        try:
+            if int(raw) > 0:
+                return int(raw)
+        except ValueError:
+            pass
+        log.warning("ignoring %s=%r: not a positive integer", TORCH_THREADS_ENV, raw)
+    return max(1, (cores or os.cpu_count() or 1) - 1)
+
+
+def apply_thread_policy() -> int:
+    """Set this process's torch threads to `encoder_threads()` (a worker process calls it once at start);
+    returns the count."""
+    import torch
+
+    n = encoder_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 _context: WorkerContext | None = None

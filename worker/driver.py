@@ -18,14 +18,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import redis
 import sqlalchemy as sa
 
 from service import rollouts as domain
 from service.db import queries
 from service.db.models import BackfillTask, Rollout, utcnow
-from worker.backfill import BatchResult, Prepared, encode, finish, prepare, release
+from worker.backfill import BatchResult, release
 from worker.context import WorkerContext, get_context, heartbeat
+from worker.pipeline import Loaded, encode_loaded, finish_loaded, load_batch
+from worker.stages import timed
 
 log = logging.getLogger(__name__)
 
@@ -67,30 +70,89 @@ class DriveSummary:
     outcome: str = ""
 
 
+class _Pipeline:
+    """The driver's two helper threads: `loader` claims, loads, decodes and fits the next batch and
+    `committer` commits the previous one, while the driver's own thread runs the encoder (which releases the
+    GIL). At most one batch is prefetched and one commit in flight; an exception in either thread is raised
+    in the driver's thread when it takes that batch or settles that commit."""
+
+    def __init__(self, ctx: WorkerContext, summary: DriveSummary, on_batch: Callable[[BatchResult], None] | None):
+        rid = summary.rollout_id
+        self.ctx, self.summary, self.on_batch = ctx, summary, on_batch
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"backfill-load-{rid}")
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"backfill-commit-{rid}")
+        self.ahead: Future[Loaded] | None = None  # the prefetched next batch
+        self.commit: Future[BatchResult] | None = None  # the previous batch's commit
+
+    def take(self, rollout: Rollout, n: int) -> Loaded:
+        """The prefetched batch, else one claimed now on this thread."""
+        ahead, self.ahead = self.ahead, None
+        return ahead.result() if ahead is not None else load_batch(self.ctx, rollout, n)
+
+    def prefetch(self, rollout: Rollout, n: int) -> None:
+        self.ahead = self.loader.submit(load_batch, self.ctx, rollout, n)
+
+    def give_back(self) -> None:
+        """Release the prefetched batch (the throttle was set, or the driver stops)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            release(self.ctx, ahead.result().claimed)
+
+    def settle(self) -> None:
+        """Wait for the previous commit and count it."""
+        commit, self.commit = self.commit, None
+        if commit is not None:
+            res = commit.result()
+            self.summary.batches += 1
+            self.summary.embedded.extend(res.embedded)
+            self.summary.failed += res.failed
+            if self.on_batch is not None:
+                self.on_batch(res)
+
+    def submit_commit(self, rollout: Rollout, prep: Loaded, vectors: dict[int, np.ndarray]) -> None:
+        """Commit `prep` on the committer thread once the previous commit is settled; if that one failed,
+        `prep` is given back (it will not be committed) and the error raised."""
+        try:
+            self.settle()
+        except BaseException:
+            _release_quietly(self.ctx, prep)
+            raise
+        self.commit = self.committer.submit(finish_loaded, self.ctx, rollout, prep, vectors)
+
+    def close(self) -> None:
+        """Settle the last commit and give back the prefetched batch, whatever fails, then stop the threads.
+        The first error is raised (a failed prefetch claimed nothing; its leases, if any, expire)."""
+        try:
+            self.settle()
+        finally:
+            try:
+                self.give_back()
+            finally:
+                self.loader.shutdown(wait=True)
+                self.committer.shutdown(wait=True)
+
+
+def _release_quietly(ctx: WorkerContext, prep: Loaded) -> None:
+    """Give a batch back while another error propagates; if that fails too its leases simply expire."""
+    try:
+        release(ctx, prep.claimed)
+    except Exception:
+        log.exception("giving back %d tasks failed; their leases will expire", len(prep.claimed.tasks))
+
+
 def drive(ctx: WorkerContext, rollout_id: int, on_batch: Callable[[BatchResult], None] | None = None) -> DriveSummary:
     """The driver loop (see the module docstring). Returns when the rollout is not running, is finished,
     or the worker is stopping.
 
-    Unthrottled, it is a two-stage pipeline: while this thread runs the encoder on batch k, one I/O thread
-    commits batch k-1 and claims, loads and decodes batch k+1 (the encoder releases the GIL)."""
+    Unthrottled, it is a three-stage pipeline (`_Pipeline`, `worker.pipeline`): while this thread runs the
+    encoder on batch k, the loader thread claims, loads and decodes batch k+1 and the committer thread
+    commits batch k-1. Throttled, it claims one batch at a time on this thread."""
     summary = DriveSummary(rollout_id)
-    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"backfill-io-{rollout_id}")
-    ahead: Future[Prepared] | None = None  # the prefetched next batch
-    commit: Future[BatchResult] | None = None  # the previous batch's commit
-
-    def settle() -> None:
-        nonlocal commit
-        if commit is not None:
-            res, commit = commit.result(), None
-            summary.batches += 1
-            summary.embedded.extend(res.embedded)
-            summary.failed += res.failed
-            if on_batch is not None:
-                on_batch(res)
-
+    pipe = _Pipeline(ctx, summary, on_batch)
+    error: BaseException | None = None
     try:
         while not ctx.stop.is_set():
-            with ctx.sessionmaker() as s:
+            with ctx.sessionmaker() as s, timed(ctx.stages, "rollout"):
                 rollout = s.get(Rollout, rollout_id)
                 if rollout is not None:
                     s.expunge(rollout)
@@ -99,10 +161,8 @@ def drive(ctx: WorkerContext, rollout_id: int, on_batch: Callable[[BatchResult],
                 return summary
             n = rollout.batch_size
             throttled = bool(rollout.max_items_per_second)
-            if ahead is not None and throttled:  # throttle set meanwhile: give the prefetched batch back
-                release(ctx, ahead.result().claimed)
-                ahead = None
             if throttled:
+                pipe.give_back()  # a throttle set meanwhile: give the prefetched batch back
                 rate = float(rollout.max_items_per_second or 0)
                 n = max(1, min(n, int(rate)))  # about one batch a second under a throttle
                 wait = reserve(ctx, rollout_id, n, rate)
@@ -111,27 +171,34 @@ def drive(ctx: WorkerContext, rollout_id: int, on_batch: Callable[[BatchResult],
                     with ctx.sessionmaker() as s:
                         if queries.rollout_status(s, rollout_id) != "running":
                             continue
-            prep = ahead.result() if ahead is not None else prepare(ctx, rollout, n)
-            ahead = None
+            prep = pipe.take(rollout, n)
             if prep.claimed.tasks:
                 if not throttled:
-                    ahead = io.submit(prepare, ctx, rollout, n)
-                vectors = encode(ctx, rollout, prep)
-                settle()
-                commit = io.submit(finish, ctx, rollout, prep, vectors)
+                    pipe.prefetch(rollout, n)
+                pipe.submit_commit(rollout, prep, encode_loaded(ctx, rollout, prep))
                 continue
-            settle()
+            pipe.settle()
             outcome = _finish_or_wait(ctx, rollout_id)
             if outcome is not None:
                 summary.outcome = outcome
                 return summary
         summary.outcome = "stopped"
         return summary
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        settle()
-        if ahead is not None:
-            release(ctx, ahead.result().claimed)
-        io.shutdown(wait=True)
+        _close(pipe, error)
+
+
+def _close(pipe: _Pipeline, error: BaseException | None) -> None:
+    """`pipe.close()`; while an error is already propagating, a second one is logged, not raised over it."""
+    try:
+        pipe.close()
+    except Exception:
+        if error is None:
+            raise
+        log.exception("closing the backfill pipeline after %r failed too", error)
 
 
 def _finish_or_wait(ctx: WorkerContext, rollout_id: int) -> str | None:

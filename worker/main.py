@@ -16,7 +16,7 @@ from rq import SimpleWorker
 
 from service.config import Settings
 from service.redis_conn import JOB_SERIALIZER, job_queue
-from worker.context import WorkerContext, configure
+from worker.context import WorkerContext, apply_thread_policy, configure
 from worker.maintenance import maintain
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def run_worker(
 
         start_http_server(port, addr=settings.metrics_bind)
         log.info("worker metrics on %s:%d/metrics", settings.metrics_bind, port)
+    log.info("encoder threads: %d", apply_thread_policy())
     ctx = configure(settings)
     worker = build_worker(ctx, name)
     maintain(ctx)

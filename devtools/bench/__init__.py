@@ -10,6 +10,8 @@ module each:
 2. query encoding single pass (v2 + psi) vs two passes (v2 + v1) (`encode`);
 3. end-to-end ``POST /search`` (the real app in-process under uvicorn on a loopback port, scratch Postgres
    + Redis, during a rollout) vs the bare FAISS searches for the same queries, by stage (`e2e`, `live`);
+   and its throughput / p50 / p99 at 1, 8 and 32 concurrent clients with and without micro-batching
+   (`concurrency`; the load from a separate process);
 4. backfill items/s per worker vs the raw batched encoder; two workers vs one (`backfill`);
 5. ingestion lag, commit -> searchable in the API's index (Redis event, and polling alone) (`lag`);
 6. offline harness curve time (FAISS top-k) vs the dense-matrix approach (`harness`);
@@ -92,6 +94,17 @@ class _Run:
         typer.echo(f"[bench] section {key} done in {self.sections[key]['section_seconds']} s", err=True)
 
 
+def _concurrency(cfg: BenchConfig, live: Any) -> dict[str, Any]:
+    """Section 3's throughput under 1 / 8 / 32 concurrent clients, batched vs not (its own error if it fails)."""
+    from devtools.bench.concurrency import section_concurrency
+
+    try:
+        return {"concurrency": section_concurrency(cfg, live)}
+    except Exception as e:
+        traceback.print_exc()
+        return {"concurrency": {"error": f"{type(e).__name__}: {e}"}}
+
+
 def _run_live(run: _Run, art: Any) -> None:
     """Sections 3 and 5, on one live service."""
     from devtools.bench.e2e import section_e2e
@@ -102,7 +115,7 @@ def _run_live(run: _Run, art: Any) -> None:
     try:
         with live_service(cfg, art, cfg.size("e2e_n")) as live:
             if 3 in cfg.only:
-                run.guarded("3", lambda: {**section_e2e(cfg, live), "artifacts": art.label})
+                run.guarded("3", lambda: {**section_e2e(cfg, live), **_concurrency(cfg, live), "artifacts": art.label})
             if 5 in cfg.only:
                 run.guarded("5", lambda: section_lag(cfg, live))
     except Exception as e:

@@ -29,6 +29,7 @@ class LiveService:
     images: np.ndarray
     db_url: str
     data: str
+    app: Any = None  # the FastAPI app (section 3's concurrency windows switch its settings)
 
 
 def _seed_mid_rollout(maker: Any, art: Artifacts, images: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -119,6 +120,6 @@ def live_service(cfg: BenchConfig, art: Artifacts, n: int) -> Iterator[LiveServi
             ids, v2 = _seed_mid_rollout(make_sessionmaker(engine), art, images)
             app = create_app(settings)
             with _serving(app) as base:
-                yield LiveService(base, app.state.runtime, ids, ids[n // 2 :], v2, images, db_url, data)
+                yield LiveService(base, app.state.runtime, ids, ids[n // 2 :], v2, images, db_url, data, app)
         finally:
             engine.dispose()

@@ -71,6 +71,65 @@ def _rows_e2e(x: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _rows_concurrency(x: dict[str, Any]) -> list[Row]:
+    """Batched vs unbatched /search throughput per client count; at 32 clients the two targets."""
+    from devtools.bench.concurrency import TAIL_TARGET, THROUGHPUT_TARGET
+
+    c = x.get("concurrency") or {}
+    if "error" in c:
+        return [["3", "POST /search under concurrency", f"error: {c['error']}", "", "", "", "n/a"]]
+    rows = []
+    for r in c.get("rows", []):
+        on, off, top = r["batched"], r["unbatched"], r["clients"] == max(c["levels"])
+        rows.append(
+            [
+                "3",
+                f"POST /search q/s, {r['clients']} concurrent clients, batched vs unbatched "
+                f"(p50 / p99 ms {on['p50_ms']:.1f} / {on['p99_ms']:.1f} vs {off['p50_ms']:.1f} / {off['p99_ms']:.1f})",
+                f"{on['qps']:.0f} q/s",
+                f"{off['qps']:.0f} q/s",
+                f"{r['qps_ratio']:.2f}",
+                f">= {THROUGHPUT_TARGET}" if top else "report",
+                _ok(r["qps_ratio"], THROUGHPUT_TARGET, higher_is_better=True) if top else "-",
+            ]
+        )
+        if top:
+            rows.append(
+                [
+                    "3",
+                    f"batched p99 / p50 at {r['clients']} concurrent clients",
+                    f"p99 {on['p99_ms']:.1f} ms",
+                    f"p50 {on['p50_ms']:.1f} ms",
+                    f"{on['p99_over_p50']:.2f}",
+                    f"<= {TAIL_TARGET}",
+                    _ok(on["p99_over_p50"], TAIL_TARGET),
+                ]
+            )
+    return rows
+
+
+def _md_concurrency(x: dict[str, Any]) -> list[str]:
+    c = x.get("concurrency") or {}
+    if not c.get("rows"):
+        return []
+    lines = [
+        "",
+        f"## POST /search under concurrency ({c['repeats']} x {c['window_s']:.0f} s windows per cell, batched and "
+        f"unbatched alternating; max batch {c['max_batch']}, wait {c['max_wait_ms']} ms; load average "
+        f"{c['load_average_before']} before, {c['load_average_after']} after)",
+        "",
+        "| clients | unbatched q/s | p50 ms | p99 ms | batched q/s | p50 ms | p99 ms | mean batch | q/s ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in c["rows"]:
+        on, off = r["batched"], r["unbatched"]
+        lines.append(
+            f"| {r['clients']} | {off['qps']:.0f} | {off['p50_ms']:.2f} | {off['p99_ms']:.2f} | {on['qps']:.0f} | "
+            f"{on['p50_ms']:.2f} | {on['p99_ms']:.2f} | {_f(on['mean_batch'], '.1f')} | {r['qps_ratio']:.2f} |"
+        )
+    return lines
+
+
 def _backfill_pair(b: dict[str, Any], one_label: str, two_label: str) -> list[Row]:
     return [
         [
@@ -94,9 +153,77 @@ def _backfill_pair(b: dict[str, Any], one_label: str, two_label: str) -> list[Ro
     ]
 
 
+def _median_round(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    return sorted(rounds, key=lambda r: r[key])[len(rounds) // 2]
+
+
+def _rows_backfill_median(b: dict[str, Any]) -> list[Row]:
+    """Each ratio from the round that gives its median (an odd number of rounds: a measured pair)."""
+    rounds, targets = b["rounds"], b["targets"]
+    one, two = _median_round(rounds, "one_vs_raw"), _median_round(rounds, "two_vs_one")
+    where = f"{b['items']:,} items, {b['artifacts']}; median of {len(rounds)} interleaved rounds"
+    return [
+        [
+            "4",
+            f"backfill 1 worker vs raw batched encoder ({where})",
+            f"{one['one_worker']['items_per_second']:.0f} items/s",
+            f"{one['raw_baseline']:.0f} items/s",
+            f"{one['one_vs_raw']:.2f}",
+            f">= {targets['one']}",
+            _ok(one["one_vs_raw"], targets["one"], True),
+        ],
+        [
+            "4",
+            f"backfill 2 workers vs 1 worker ({where})",
+            f"{two['two_workers']['items_per_second']:.0f} items/s",
+            f"{two['one_worker']['items_per_second']:.0f} items/s",
+            f"{two['two_vs_one']:.2f}",
+            f">= {targets['two']}",
+            _ok(two["two_vs_one"], targets["two"], True),
+        ],
+    ]
+
+
+def _rows_backfill_rounds(b: dict[str, Any]) -> list[Row]:
+    """Interleaved rounds (bench of issue 17): the per-round ratios, the thread variant, the stage profile."""
+    rounds = b["rounds"]
+    per_round = ", ".join(f"{r['one_vs_raw']:.2f}" for r in rounds)
+    alt = _median_round(rounds, "one_all_threads_vs_raw")
+    rows = [
+        [
+            "4",
+            f"variant: 1 worker with a torch thread per core vs raw (median of {len(rounds)} rounds)",
+            f"{alt['one_worker_all_threads']['items_per_second']:.0f} items/s",
+            f"{alt['raw_baseline']:.0f} items/s",
+            f"{alt['one_all_threads_vs_raw']:.2f}",
+            "report",
+            "-",
+        ],
+        ["4", "1 worker / raw, each round", per_round, "-", "-", "report", "-"],
+    ]
+    st = b.get("stages")
+    if st:
+        ref, new = st["reference"], st["pipeline"]
+        us = [1e6 * x["seconds"] / max(x["items"], 1) for x in (new, ref)]
+        rows.append(
+            [
+                "4",
+                "serial stage profile, one batch after another (pipeline stages vs worker.backfill's)",
+                f"{us[0]:.0f} us/item",
+                f"{us[1]:.0f} us/item",
+                f"{us[0] / us[1]:.2f}",
+                "report",
+                "-",
+            ]
+        )
+    return rows
+
+
 def _rows_backfill(b: dict[str, Any]) -> list[Row]:
     if "raw_encoder" not in b:
         return []
+    if "rounds" in b:
+        return _rows_backfill_median(b) + _rows_backfill_rounds(b)
     rows = _backfill_pair(
         b,
         f"backfill 1 worker vs raw batched encoder ({b['items']:,} items, {b['artifacts']})",
@@ -211,6 +338,7 @@ def summary_rows(res: dict[str, Any]) -> list[Row]:
     """[#, figure, measured, baseline, ratio, target, met]"""
     s = res["sections"]
     rows = _rows_merge(s.get("1", {})) + _rows_encode(s.get("2", {})) + _rows_e2e(s.get("3", {}))
+    rows += _rows_concurrency(s.get("3", {}))
     rows += _rows_backfill(s.get("4", {})) + _rows_lag(s.get("5", {})) + _rows_harness(s.get("6", {}))
     rows += _rows_memory(s.get("7", {})) + _rows_rebuild(s.get("8", {})) + _rows_recall(s.get("8", {}))
     for key, sec in s.items():
@@ -305,6 +433,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "| # | figure | measured | baseline | ratio | target | met |", "|---|---|---:|---:|---:|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(res)]
     s = res["sections"]
-    lines += _md_stages(s.get("3", {})) + _md_merge(s.get("1", {})) + _md_recall(s.get("8", {}))
+    lines += _md_stages(s.get("3", {})) + _md_concurrency(s.get("3", {}))
+    lines += _md_merge(s.get("1", {})) + _md_recall(s.get("8", {}))
     lines += ["", "Raw figures: `results.json` beside this file."]
     return "\n".join(lines) + "\n"
