@@ -36,14 +36,14 @@ def eval_curve_cmd(
     """Backfill curves for every path x policy, the raw-merge baseline, old/old and new/new."""
     import torch
 
-    from models import evaluate
+    from models import harness
     from models.data import load
 
     torch.set_num_threads(threads)
     x, y = _dataset_guard(lambda: load(dataset, "test", _data_dir(data_dir)))
     x, y = x[:items], y[:items]
-    result = evaluate.run_harness(x, y, artifacts, out, old, new, seed=seed, dense_points=dense_points)
-    typer.echo(evaluate.table(result))
+    result = harness.run_harness(x, y, artifacts, out, old, new, seed=seed, dense_points=dense_points)
+    typer.echo(harness.table(result))
     typer.echo(
         f"wrote {out / 'curve.json'}, {out / 'curve.png'}, {out / 'curve.md'} in {result['total_seconds']:.0f} s"
     )
@@ -120,7 +120,7 @@ def eval_pairs_cmd(
     from each pack's predictions. Writes pairs.json and pairs.md."""
     import torch
 
-    from models import evaluate
+    from models import harness
     from models.data import load
 
     torch.set_num_threads(threads)
@@ -135,7 +135,7 @@ def eval_pairs_cmd(
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for art, old, new in parsed:
-        result = evaluate.run_harness(x, y, art, out / f"{art.name}-{old}-{new}", old, new, seed=seed, dense_points=0)
+        result = harness.run_harness(x, y, art, out / f"{art.name}-{old}-{new}", old, new, seed=seed, dense_points=0)
         manifest = json.loads((art / f"compat-{old}-{new}" / "manifest.json").read_text())
         rows.append({"pair": f"{art.name}: {old}->{new}", "result": result, "predictions": manifest.get("predictions")})
     (out / "pairs.json").write_text(json.dumps(rows, indent=1, default=float))

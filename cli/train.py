@@ -163,6 +163,36 @@ def train_compat_cmd(
     typer.echo(f"wrote {path} in {time.monotonic() - t0:.0f} s")
 
 
+@train_app.command("order")
+def train_order_cmd(
+    out: Path = OUT_OPT,
+    old: str = typer.Option("v1", help="Old encoder name (under --out)."),
+    new: str = typer.Option("v2", help="New encoder name (under --out)."),
+    data_dir: Path | None = DATA_OPT,
+    quick: bool = QUICK_OPT,
+    threads: int = THREADS_OPT,
+) -> None:
+    """Fit the learned backfill order (predicted merge benefit, models/order.py) of an existing compat pack
+    and re-predict its paths on the calibration split. `train compat` fits it itself."""
+    from models.artifacts import ArtifactError
+    from models.train import add_order, set_threads
+
+    set_threads(threads)
+    t0 = time.monotonic()
+    try:
+        pred = _dataset_guard(lambda: add_order(out, _recipe(quick), _data_dir(data_dir), old, new))
+    except ArtifactError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    rows = [
+        f"{p}: uncertainty {c['uncertainty']['relative_gain']:.3f}, random {c['random']['relative_gain']:.3f}"
+        for p, c in pred["curves"].items()
+        if p != "old-only"
+    ]
+    typer.echo("\n".join(rows))
+    typer.echo(f"wrote {out / f'compat-{old}-{new}'} in {time.monotonic() - t0:.0f} s")
+
+
 @train_app.command("all")
 def train_all_cmd(
     out: Path = OUT_OPT, data_dir: Path | None = DATA_OPT, quick: bool = QUICK_OPT, threads: int = THREADS_OPT

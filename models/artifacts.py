@@ -12,6 +12,8 @@ Layout under an artifacts directory::
     compat-<old>-<new>/psi.pt           "calibration": {"reverse": {"x": [...], "y": [...]}, "forward": ...},
     compat-<old>-<new>/h.pt             "checksum", "metrics"}; psi: new -> old space, h: old -> new space,
     compat-<old>-<new>/sigma.pt         sigma: old vector -> (B,) uncertainty (higher = backfill earlier).
+    compat-<old>-<new>/order.pt         optional: old vector -> (B,) predicted merge benefit (models/order.py);
+                                        where present it, not sigma, orders the `uncertainty` policy.
 
 Distances everywhere are squared L2 between L2-normalised vectors (what faiss.IndexFlatL2 returns).
 `calibration[mode]` is a monotone piecewise-linear map (knots x -> y, `np.interp`) from the OLD side's
@@ -37,6 +39,7 @@ ENCODER_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 ENCODER_FORMATS = {"torchscript": ENCODER_FILE, "onnx": ONNX_FILE}
 COMPAT_FILES = ("psi.pt", "h.pt", "sigma.pt")
+ORDER_FILE = "order.pt"  # optional in a compat pack
 MANIFEST = "manifest.json"
 
 
@@ -167,6 +170,7 @@ class CompatPack:
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     device: str = "cpu"
+    order: torch.jit.ScriptModule | None = None
 
     def reverse(self, new_vecs: np.ndarray) -> np.ndarray:
         """psi: new-model vectors (N, to_dim) -> old space (N, from_dim)."""
@@ -177,8 +181,9 @@ class CompatPack:
         return _apply(self.h, old_vecs, self.device)
 
     def uncertainty(self, old_vecs: np.ndarray) -> np.ndarray:
-        """sigma: (N, from_dim) old vectors -> (N,) uncertainty; higher = backfill earlier."""
-        return _apply(self.sigma, old_vecs, self.device).reshape(-1)
+        """The learned order's score of (N, from_dim) old vectors -> (N,); higher = backfill earlier. The
+        order net's predicted merge benefit where the pack has one, else FastFill's sigma."""
+        return _apply(self.order if self.order is not None else self.sigma, old_vecs, self.device).reshape(-1)
 
     def calibrate(self, mode: str, distances: np.ndarray) -> np.ndarray:
         """Map OLD-side distances of `mode` onto the NEW side's scale (identity when not fitted)."""
@@ -236,21 +241,39 @@ def export_onnx(source: Path, directory: Path, name: str | None = None, opset: i
 
 
 def save_compat(
-    psi: torch.nn.Module, h: torch.nn.Module, sigma: torch.nn.Module, directory: Path, manifest: dict[str, Any]
+    psi: torch.nn.Module,
+    h: torch.nn.Module,
+    sigma: torch.nn.Module,
+    directory: Path,
+    manifest: dict[str, Any],
+    order: torch.nn.Module | None = None,
 ) -> Path:
-    """Script and write psi, h, sigma and the manifest (with per-file checksums)."""
+    """Script and write psi, h, sigma (and the order net when given) and the manifest (with per-file
+    checksums)."""
     directory.mkdir(parents=True, exist_ok=True)
     checksums = {}
-    for name, module in zip(COMPAT_FILES, (psi, h, sigma), strict=True):
+    files = zip((*COMPAT_FILES, ORDER_FILE), (psi, h, sigma, order), strict=True)
+    for name, module in ((n, m) for n, m in files if m is not None):
         scripted = module if isinstance(module, torch.jit.ScriptModule) else torch.jit.script(module.eval())
         torch.jit.save(scripted, str(directory / name))
         checksums[name] = sha256_file(directory / name)
+    if order is None:
+        (directory / ORDER_FILE).unlink(missing_ok=True)
     for key in ("from", "to", "from_dim", "to_dim"):
         if key not in manifest:
             raise ArtifactError(f"compat manifest needs {key!r}")
     manifest = {**manifest, "kind": "compat", "checksum": checksums}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return directory
+
+
+def save_order(order: torch.nn.Module, directory: Path, info: dict[str, Any]) -> None:
+    """Write (or replace) a compat pack's order net; its checksum and `info` go into the manifest."""
+    m = _read_manifest(directory)
+    scripted = order if isinstance(order, torch.jit.ScriptModule) else torch.jit.script(order.eval())
+    torch.jit.save(scripted, str(directory / ORDER_FILE))
+    checksums = {**(m.get("checksum") or {}), ORDER_FILE: sha256_file(directory / ORDER_FILE)}
+    update_manifest(directory, checksum=checksums, order=info)
 
 
 def update_manifest(directory: Path, **fields: Any) -> None:
@@ -283,6 +306,7 @@ def load_compat(directory: Path, device: str = "cpu") -> CompatPack:
         raise ArtifactError(f"{directory}: not a compat artifact")
     sums = m.get("checksum") or {}
     psi, h, sigma = (_load_script(directory / f, sums.get(f), device) for f in COMPAT_FILES)
+    order = _load_script(directory / ORDER_FILE, sums[ORDER_FILE], device) if ORDER_FILE in sums else None
     return CompatPack(
         from_name=m["from"],
         to_name=m["to"],
@@ -294,6 +318,7 @@ def load_compat(directory: Path, device: str = "cpu") -> CompatPack:
         manifest=m,
         path=directory,
         device=device,
+        order=order,
     )
 
 

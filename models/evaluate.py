@@ -16,8 +16,6 @@ searches OLD (v1 vectors) with v1(q) and merges raw distances. AUC = mean of the
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,9 @@ import numpy as np
 K = 100
 N_POINTS = 22
 MODES = ("reverse", "forward", "two-pass")  # merging paths (old-only = old/old; models/paths.py)
-POLICIES = ("random", "uncertainty", "oracle")
+# The reverse path re-ranks OLD's top RESCORE_DEPTH * k psi candidates by ||v2(q) - h(v1)||^2 (0 = psi alone).
+RESCORE_DEPTH = 3
+POLICIES = ("random", "uncertainty", "oracle", "benefit")  # oracle, benefit: labelled references
 INVALID = -1
 
 
@@ -143,10 +143,11 @@ def policy_order(
     sigma: np.ndarray | None = None,
     oracle_distance: np.ndarray | None = None,
     seed: int = 0,
+    benefit: np.ndarray | None = None,
 ) -> np.ndarray:
     """Backfill order (item indices, first = backfilled first): random (seeded), uncertainty (descending
-    sigma of the old vector), oracle (descending distance between transformed old and true new vector),
-    fifo (index order)."""
+    score of the pack's order model), oracle (descending distance between transformed old and true new
+    vector), benefit (descending exact merge benefit, models/benefit.py), fifo (index order)."""
     if policy == "random":
         return np.random.default_rng(seed).permutation(n)
     if policy == "uncertainty":
@@ -157,6 +158,10 @@ def policy_order(
         if oracle_distance is None:
             raise ValueError("oracle order needs oracle_distance")
         return np.argsort(-np.asarray(oracle_distance, dtype=np.float64), kind="stable")
+    if policy == "benefit":
+        if benefit is None:
+            raise ValueError("benefit order needs the merge benefit")
+        return np.argsort(-np.asarray(benefit, dtype=np.float64), kind="stable")
     if policy == "fifo":
         return np.arange(n)
     raise ValueError(f"unknown policy {policy!r}")
@@ -170,12 +175,44 @@ def _identity(d: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class Rescore:
+    """Re-scoring of an OLD space's top `depth * k` candidates in another space (the reverse path's h(v1)
+    against v2(q), service/rescore.py); `calibrate` applies to the re-scored distances."""
+
+    gallery: np.ndarray
+    queries: np.ndarray
+    calibrate: Callable[[np.ndarray], np.ndarray]
+    depth: int
+
+
+@dataclass
 class Space:
-    """One OLD-side configuration: gallery vectors, the query vectors searching them, a calibration."""
+    """One OLD-side configuration: gallery vectors, the query vectors searching them, a calibration, and
+    optionally a re-scoring of its candidates."""
 
     gallery: np.ndarray
     queries: np.ndarray
     calibrate: Callable[[np.ndarray], np.ndarray] = _identity
+    rescore: Rescore | None = None
+
+
+def rescore_topk(
+    queries: np.ndarray, gallery: np.ndarray, cand: np.ndarray, k: int, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query the k candidates (ids into `gallery`, -1 = none) nearest by squared L2 in `gallery`'s space:
+    (Q, k) distances (inf where none) and ids, ascending."""
+    q, g = np.asarray(queries, np.float32), np.asarray(gallery, np.float32)
+    d_out = np.full((len(cand), k), np.inf, np.float32)
+    i_out = np.full((len(cand), k), INVALID, np.int64)
+    for a in range(0, len(cand), chunk):
+        c = cand[a : a + chunk]
+        diff = g[np.maximum(c, 0)] - q[a : a + chunk, None, :]
+        d = np.where(c >= 0, np.einsum("qcd,qcd->qc", diff, diff), np.inf).astype(np.float32)
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        d = np.take_along_axis(d, order, 1)
+        d_out[a : a + chunk, : d.shape[1]] = d
+        i_out[a : a + chunk, : d.shape[1]] = np.where(np.isfinite(d), np.take_along_axis(c, order, 1), INVALID)
+    return d_out, i_out
 
 
 @dataclass
@@ -197,6 +234,8 @@ class Evaluator:
         self.labels = np.asarray(self.labels)
         self.qids = np.arange(len(self.labels), dtype=np.int64)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        depths = [sp.rescore.depth for sp in self.old_spaces.values() if sp.rescore is not None]
+        self.cache_k = max([self.cache_k] + [(d + 1) * self.k for d in depths])
 
     def _vectors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name == "new":
@@ -211,10 +250,10 @@ class Evaluator:
             self._cache[name] = search_subset(g, self.qids, q, kk, self.qids)
         return self._cache[name]
 
-    def search(self, name: str, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact leave-one-out top-k of every query over the gallery items with `members` True."""
+    def search(self, name: str, members: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact leave-one-out top-k (default `self.k`) of every query over the gallery items with `members` True."""
         members = np.asarray(members, dtype=bool)
-        n, k = len(self.labels), self.k
+        n, k = len(self.labels), k or self.k
         d_full, i_full = self._full(name)
         keep = (i_full >= 0) & members[np.maximum(i_full, 0)]
         count = keep.sum(1)
@@ -252,12 +291,23 @@ class Evaluator:
             return self.search("raw", np.ones(len(in_new), bool))[1]
         if in_new.all():
             return self.search("new", in_new)[1]
+        do, i_o = self.old_side(mode, ~in_new)
         if not in_new.any():
-            return self.search(mode, ~in_new)[1]
+            return i_o
         dn, i_n = self.search("new", in_new)
-        do, i_o = self.search(mode, ~in_new)
-        do = np.where(i_o >= 0, self.old_spaces[mode].calibrate(do), np.inf)
         return merge_topk(dn, i_n, do, i_o, self.k)[1]
+
+    def old_side(self, mode: str, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """OLD's top-k over `members` with calibrated distances; a re-scored space re-ranks its top
+        `depth * k` candidates by the re-scoring distance (calibrated by the re-scoring's calibration)."""
+        sp = self.old_spaces[mode]
+        if sp.rescore is None:
+            d, i = self.search(mode, members)
+            return np.where(i >= 0, sp.calibrate(d), np.inf), i
+        r = sp.rescore
+        _, cand = self.search(mode, members, r.depth * self.k)
+        d, i = rescore_topk(r.queries, r.gallery, cand, self.k)
+        return np.where(i >= 0, r.calibrate(d), np.inf), i
 
     def point(self, in_new: np.ndarray, mode: str) -> tuple[float, float]:
         return ranked_metrics(self.ranked(in_new, mode), self.labels, self.k)
@@ -294,38 +344,63 @@ def summarize(values: Sequence[float], old_old: float, new_new: float) -> dict[s
 # ---------------------------------------------------------------------------------------- from artifacts
 
 
-def pair_evaluator(old: np.ndarray, new: np.ndarray, labels: np.ndarray, pack: Any, k: int = K) -> Evaluator:
+def pair_evaluator(
+    old: np.ndarray,
+    new: np.ndarray,
+    labels: np.ndarray,
+    pack: Any,
+    k: int = K,
+    rescore_depth: int = RESCORE_DEPTH,
+    psi_only: bool = False,
+) -> Evaluator:
     """An evaluator over `old` / `new` vectors of one gallery with one OLD space per query path of
     models/paths.py (reverse, forward, two-pass; old-only searches `raw`) and `raw` (old/old, the
-    uncalibrated two-pass merge)."""
+    uncalibrated two-pass merge). The reverse space re-scores its top `rescore_depth * k` candidates with
+    h(v1) (0: psi distances alone); `psi_only` adds that ablation as space `reverse-psi`."""
 
     def cal(mode: str) -> Callable[[np.ndarray], np.ndarray]:
         return lambda d: pack.calibrate(mode, d)
 
+    h_old = pack.forward(old)
+    psi_q = pack.reverse(new)
+    rescore = Rescore(h_old, new, cal("forward"), rescore_depth) if rescore_depth > 0 else None
     spaces = {
-        "reverse": Space(old, pack.reverse(new), cal("reverse")),
-        "forward": Space(pack.forward(old), new, cal("forward")),
+        "reverse": Space(old, psi_q, cal("reverse"), rescore),
+        "forward": Space(h_old, new, cal("forward")),
         "two-pass": Space(old, old, cal("two-pass")),
         "raw": Space(old, old),
     }
+    if psi_only:
+        spaces["reverse-psi"] = Space(old, psi_q, cal("reverse"))
     return Evaluator(np.asarray(labels), new, spaces, k)
 
 
 def build_evaluator(
-    images: np.ndarray, labels: np.ndarray, artifacts_dir: Path, old: str = "v1", new: str = "v2", k: int = K
+    images: np.ndarray,
+    labels: np.ndarray,
+    artifacts_dir: Path,
+    old: str = "v1",
+    new: str = "v2",
+    k: int = K,
+    references: bool = False,
 ) -> tuple[Evaluator, dict[str, np.ndarray]]:
-    """Embed `images` with a pair from `artifacts_dir`; returns the evaluator and the per-item policy signals."""
+    """Embed `images` with a pair from `artifacts_dir`; returns the evaluator and the per-item policy signals.
+    `references` adds the ablation space `reverse-psi` and the labelled `benefit` signal (the harness)."""
     from models.artifacts import load_compat, load_encoder
+    from models.benefit import merge_benefit
 
     pack = load_compat(Path(artifacts_dir) / f"compat-{old}-{new}")
     v_old = load_encoder(Path(artifacts_dir) / old).embed(images)
     v_new = load_encoder(Path(artifacts_dir) / new).embed(images)
-    ev = pair_evaluator(v_old, v_new, labels, pack, k)
+    ev = pair_evaluator(v_old, v_new, labels, pack, k, psi_only=references)
+    h_old = ev.old_spaces["forward"].gallery
     signals = {
         "sigma": pack.uncertainty(v_old),
         "oracle_reverse": ((ev.old_spaces["reverse"].queries - v_old) ** 2).sum(1),
-        "oracle_forward": ((ev.old_spaces["forward"].gallery - v_new) ** 2).sum(1),
+        "oracle_forward": ((h_old - v_new) ** 2).sum(1),
     }
+    if references:
+        signals["benefit"] = merge_benefit(v_new, h_old, labels, lambda d: pack.calibrate("forward", d), k)
     return ev, signals
 
 
@@ -353,214 +428,3 @@ def offline_point_fn(
 ) -> OfflinePoint:
     evaluator, _ = build_evaluator(images, labels, artifacts_dir, old, new, k)
     return OfflinePoint(evaluator, mode)
-
-
-# ----------------------------------------------------------------------------------------- dense baseline
-
-
-def dense_point(ev: Evaluator, in_new: np.ndarray, mode: str) -> tuple[float, float]:
-    """The same point the dense way: the full N x N merged distance matrix and a full sort per query."""
-    in_new = np.asarray(in_new, dtype=bool)
-    sp = ev.old_spaces[mode]
-    n = len(ev.labels)
-    aps, top1 = np.empty(n), np.empty(n)
-    step = 1000
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        qn = ev.new[a:b]
-        d_new = (qn**2).sum(1)[:, None] + (ev.new**2).sum(1)[None, :] - 2 * qn @ ev.new.T
-        qo = sp.queries[a:b]
-        d_old = (qo**2).sum(1)[:, None] + (sp.gallery**2).sum(1)[None, :] - 2 * qo @ sp.gallery.T
-        d_old = sp.calibrate(np.maximum(d_old, 0).astype(np.float32))
-        d = np.where(in_new[None, :], np.maximum(d_new, 0), d_old)
-        d[np.arange(b - a), np.arange(a, b)] = np.inf
-        order = np.argsort(d, axis=1, kind="stable")
-        ap, t1 = ap_at_k(order[:, : ev.k], ev.labels, ev.labels[a:b], ev.k)
-        aps[a:b], top1[a:b] = ap, t1
-    return float(aps.mean()), float(top1.mean())
-
-
-# ------------------------------------------------------------------------------------------------ harness
-
-
-def run_harness(
-    images: np.ndarray,
-    labels: np.ndarray,
-    artifacts_dir: Path,
-    out: Path | None = None,
-    old: str = "v1",
-    new: str = "v2",
-    seed: int = 0,
-    dense_points: int = 3,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """All configurations; writes curve.json, curve.png, curve.md under `out` when given."""
-    t_all = time.monotonic()
-    t0 = time.monotonic()
-    ev, sig = build_evaluator(images, labels, artifacts_dir, old, new)
-    embed_s = time.monotonic() - t0
-    old_old, old_old_t1 = ev.single("raw")
-    new_new, new_new_t1 = ev.single("new")
-    result: dict[str, Any] = {
-        "n": len(labels),
-        "k": ev.k,
-        "old": old,
-        "new": new,
-        "fractions": [float(f) for f in fractions()],
-        "old_old": {"map": old_old, "top1": old_old_t1},
-        "new_new": {"map": new_new, "top1": new_new_t1},
-        "curves": all_curves(ev, sig, old_old, new_new, seed, progress),
-    }
-    if dense_points > 0:
-        result["dense_timing"] = dense_timing(ev, sig, dense_points, progress)
-    result["embed_seconds"] = round(embed_s, 2)
-    result["total_seconds"] = round(time.monotonic() - t_all, 2)
-    if out is not None:
-        write_outputs(result, Path(out))
-    return result
-
-
-def all_curves(
-    ev: Evaluator, sig: dict[str, np.ndarray], old_old: float, new_new: float, seed: int, progress: bool
-) -> list[dict[str, Any]]:
-    """The raw-merge baseline and every mode x policy curve, with their summaries and timings."""
-    from tqdm import tqdm
-
-    n = len(ev.labels)
-    configs: list[tuple[str, str, str]] = [("raw", "random", "baseline raw merge")]
-    configs += [(mode, policy, f"{mode} / {policy}") for mode in MODES for policy in POLICIES]
-    curves: list[dict[str, Any]] = []
-    bar = tqdm(total=len(configs) * N_POINTS, desc="backfill curves", unit="pt", disable=not progress)
-    for mode, policy, name in configs:
-        oracle = sig["oracle_forward"] if mode == "forward" else sig["oracle_reverse"]
-        order = policy_order(policy, n, sigma=sig["sigma"], oracle_distance=oracle, seed=seed)
-        t0 = time.monotonic()
-        c = ev.curve(order, mode, progress=bar)
-        secs = time.monotonic() - t0
-        curves.append(
-            {
-                "name": name,
-                "mode": mode,
-                "policy": policy,
-                **c,
-                **summarize(c["map"], old_old, new_new),
-                "seconds": round(secs, 2),
-            }
-        )
-        bar.set_postfix(last=name, secs=f"{secs:.1f}")
-    bar.close()
-    return curves
-
-
-def dense_timing(ev: Evaluator, sig: dict[str, np.ndarray], dense_points: int, progress: bool) -> dict[str, Any]:
-    """One configuration (reverse / uncertainty) both ways: FAISS top-k (a fresh evaluator, so the timing
-    includes its full-gallery searches) against the dense n x n matrix + full sort per query, the latter
-    timed on `dense_points` points and extrapolated to the curve's 22."""
-
-    n = len(ev.labels)
-    order = policy_order("uncertainty", n, sigma=sig["sigma"])
-    fresh = Evaluator(ev.labels, ev.new, {"reverse": ev.old_spaces["reverse"]}, ev.k)
-    t0 = time.monotonic()
-    fc = fresh.curve(order, "reverse")
-    t_faiss = time.monotonic() - t0
-    per_point, max_diff, points = time_dense_points(ev, order, fc["map"], dense_points, progress)
-    dense_curve = per_point * N_POINTS
-    return {
-        "configuration": "reverse / uncertainty",
-        "faiss_seconds_per_curve": t_faiss,
-        "points_timed": points,
-        "dense_seconds_per_point": per_point,
-        "dense_seconds_per_curve_extrapolated": dense_curve,
-        "ratio_dense_over_faiss": dense_curve / max(t_faiss, 1e-9),
-        "max_abs_map_difference": max_diff,
-    }
-
-
-def time_dense_points(
-    ev: Evaluator, order: np.ndarray, reference_map: list[float], n_points: int, progress: bool = False
-) -> tuple[float, float, int]:
-    """Time the dense n x n approach (reverse mode) on `n_points` of the 22 points, spread evenly; returns
-    (seconds per point, largest |mAP difference| against `reference_map`, points timed)."""
-    from tqdm import tqdm
-
-    n = len(ev.labels)
-    picks = np.linspace(0, N_POINTS - 1, n_points).round().astype(int)
-    fr = fractions()
-    t_dense, diffs = 0.0, []
-    for p in tqdm(picks, desc="dense timing", unit="pt", disable=not progress):
-        mask = np.zeros(n, bool)
-        mask[order[: n_in_new(fr[p], n)]] = True
-        t0 = time.perf_counter()
-        dm, _ = dense_point(ev, mask, "reverse")
-        t_dense += time.perf_counter() - t0
-        diffs.append(abs(dm - reference_map[p]))
-    return t_dense / len(picks), float(max(diffs)), len(picks)
-
-
-def table(result: dict[str, Any]) -> str:
-    oo, nn_ = result["old_old"], result["new_new"]
-    lines = [
-        f"Backfill curves: {result['old']} -> {result['new']}, N = {result['n']} (gallery = queries, "
-        f"leave-one-out), mAP@{result['k']}; 22 points at fractions i/21.",
-        "",
-        "| configuration | AUC (mAP@100) | relative gain | largest negative flip | flips | "
-        "mAP at 0 | mAP at 1/21 | top-1 AUC | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| old/old | {oo['map']:.4f} | 0 | - | - | - | - | {oo['top1']:.4f} | - |",
-        f"| new/new | {nn_['map']:.4f} | 1 | - | - | - | - | {nn_['top1']:.4f} | - |",
-    ]
-    for c in result["curves"]:
-        lines.append(
-            f"| {c['name']} | {c['auc']:.4f} | {c['relative_gain']:.3f} | {c['largest_negative_flip']:.4f} | "
-            f"{c['negative_flips']} | {c['map'][0]:.4f} | {c['map'][1]:.4f} | {float(np.mean(c['top1'])):.4f} | "
-            f"{c['seconds']:.1f} |"
-        )
-    dt = result.get("dense_timing")
-    if dt:
-        lines += [
-            "",
-            f"Dense baseline (full {result['n']}x{result['n']} distance matrix + full sort per query), "
-            f"{dt['configuration']}: {dt['dense_seconds_per_point']:.2f} s/point on {dt['points_timed']} points, "
-            f"so {dt['dense_seconds_per_curve_extrapolated']:.0f} s for the 22-point curve, against "
-            f"{dt['faiss_seconds_per_curve']:.1f} s with FAISS top-k (ratio {dt['ratio_dense_over_faiss']:.1f}x); "
-            f"max |mAP difference| on the timed points {dt['max_abs_map_difference']:.2e}.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    styles = {"raw": ":", "reverse": "-", "forward": "--", "two-pass": "-."}
-    colors = {"random": "tab:blue", "uncertainty": "tab:green", "oracle": "tab:purple"}
-    for c in result["curves"]:
-        color = "tab:red" if c["mode"] == "raw" else colors[c["policy"]]
-        ax.plot(
-            c["fraction"],
-            c["map"],
-            styles[c["mode"]],
-            color=color,
-            marker=".",
-            label=f"{c['name']} (gain {c['relative_gain']:.2f})",
-        )
-    ax.axhline(result["old_old"]["map"], color="gray", ls="-.", lw=1, label="old/old")
-    ax.axhline(result["new_new"]["map"], color="black", ls="-.", lw=1, label="new/new")
-    ax.set_xlabel("backfilled fraction")
-    ax.set_ylabel(f"mAP@{result['k']}")
-    ax.set_title(f"Backfill {result['old']} -> {result['new']} (N = {result['n']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "curve.json").write_text(json.dumps(result, indent=2))
-    (out / "curve.md").write_text(table(result))
-    plot(result, out / "curve.png")

@@ -58,8 +58,8 @@ class ModulePack:
     """Freshly trained psi, h, sigma modules and their calibrations behind the `Pack` protocol (before they
     are saved as an artifact)."""
 
-    def __init__(self, psi: Any, h: Any, sigma: Any, calibration: dict[str, Any]) -> None:
-        self.psi, self.h, self.sigma, self.calibration = psi, h, sigma, calibration
+    def __init__(self, psi: Any, h: Any, sigma: Any, calibration: dict[str, Any], order: Any = None) -> None:
+        self.psi, self.h, self.sigma, self.calibration, self.order = psi, h, sigma, calibration, order
 
     def reverse(self, v: np.ndarray) -> np.ndarray:
         from models.compat import apply
@@ -74,7 +74,7 @@ class ModulePack:
     def uncertainty(self, v: np.ndarray) -> np.ndarray:
         from models.compat import apply
 
-        return apply(self.sigma, v).reshape(-1)
+        return apply(self.order if self.order is not None else self.sigma, v).reshape(-1)
 
     def calibrate(self, mode: str, d: np.ndarray) -> np.ndarray:
         from models.artifacts import apply_calibration
@@ -124,6 +124,7 @@ def predict(
     return {
         "probe": probe or {"n": n},
         "k": k,
+        "reverse_rescore_depth": E.RESCORE_DEPTH,
         "fractions": [round(float(f), 5) for f in E.fractions(n_points)],
         "old_old": round(old_old, 5),
         "new_new": round(new_new, 5),

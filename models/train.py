@@ -55,7 +55,16 @@ class Recipe:
                 width=4, depth=1, emb_dim=8, n_classes=5, epochs=2, batch_size=64, seed=1, classes=OLD_CLASSES
             ),
             v2=EncoderConfig(width=6, depth=1, emb_dim=12, n_classes=10, epochs=2, batch_size=64, seed=2),
-            compat=C.CompatConfig(hidden=32, epochs_psi=3, epochs_h=3, batch_size=128, sigma_warmup=1, calib_knots=16),
+            compat=C.CompatConfig(
+                hidden=32,
+                epochs_psi=3,
+                epochs_h=3,
+                batch_size=128,
+                sigma_warmup=1,
+                calib_knots=16,
+                order_rows=600,
+                order_chunk=300,
+            ),
         )
 
 
@@ -219,8 +228,9 @@ def train_compat_pack(
         calibration[mode], calib_metrics[mode] = C.select_calibration(
             mode, o_cal, n_cal, y_cal, psi, h, sigma, cfg.calib_knots, seed=cfg.seed
         )
+    order, order_info = fit_pack_order(o_fit, n_fit, y_fit, h, calibration, cfg)
     probe = {"dataset": recipe.dataset, "split": "train", "rows": f"last {len(x_cal)} (the calibration split)"}
-    predictions = predict(o_cal, n_cal, y_cal, ModulePack(psi, h, sigma, calibration), probe=probe)
+    predictions = predict(o_cal, n_cal, y_cal, ModulePack(psi, h, sigma, calibration, order), probe=probe)
     manifest = {
         "from": old,
         "to": new,
@@ -234,6 +244,7 @@ def train_compat_pack(
         },
         "config": cfg.to_dict(),
         "calibration": calibration,
+        "order": order_info,
         "predictions": predictions,
         "data": {"dataset": recipe.dataset, "split": "train", "fit_rows": len(x_fit), "calibration_rows": len(x_cal)},
         "data_fingerprint": fingerprint(x_fit, y_fit, x_cal, y_cal),
@@ -245,7 +256,51 @@ def train_compat_pack(
             "embed_seconds": round(embed_s, 1),
         },
     }
-    return save_compat(psi, h, sigma, out / f"compat-{old}-{new}", manifest)
+    return save_compat(psi, h, sigma, out / f"compat-{old}-{new}", manifest, order)
+
+
+def fit_pack_order(
+    old: np.ndarray, new: np.ndarray, labels: np.ndarray, h: Any, calibration: dict[str, Any], cfg: C.CompatConfig
+) -> tuple[Any, dict[str, Any] | None]:
+    """The order net (models/order.py) over the last `cfg.order_rows` of these training rows, with h and
+    the forward calibration; (None, None) when `order_rows` is 0."""
+    from models.artifacts import apply_calibration
+    from models.order import OrderConfig, fit_order
+
+    if cfg.order_rows <= 0:
+        return None, None
+    ocfg = OrderConfig(rows=cfg.order_rows, chunk=cfg.order_chunk, k=cfg.order_k, seed=cfg.seed)
+    return fit_order(
+        old, new, labels, lambda v: C.apply(h, v), lambda d: apply_calibration(calibration.get("forward"), d), ocfg
+    )
+
+
+def add_order(
+    out: Path, recipe: Recipe | None = None, data_dir: Path | None = None, old: str = "v1", new: str = "v2"
+) -> dict[str, Any]:
+    """Fit the order net of an existing pack <out>/compat-<old>-<new> on the recipe's fit rows (the last
+    `order_rows` before the calibration split), write it, and re-predict every path on the calibration split.
+    Returns the new predictions."""
+    from models.artifacts import load_compat, save_order
+    from models.paths import annotate_pack
+
+    recipe = recipe or Recipe()
+    cfg = recipe.compat
+    parts = _split(recipe, data_dir)
+    x_fit, y_fit = parts["fit"]
+    x_cal, y_cal = parts["calib"]
+    rows = slice(max(0, len(y_fit) - cfg.order_rows), len(y_fit))
+    pack_dir = out / f"compat-{old}-{new}"
+    pack = load_compat(pack_dir)
+    enc_old, enc_new = load_encoder(out / old), load_encoder(out / new)
+    check_dataset(recipe, enc_old, enc_new)
+    o, n = enc_old.embed(x_fit[rows]), enc_new.embed(x_fit[rows])
+    order, info = fit_pack_order(o, n, y_fit[rows], pack.h, pack.manifest.get("calibration") or {}, cfg)
+    if order is None:
+        raise ArtifactError("order_rows is 0: no order net to fit")
+    save_order(order, pack_dir, info or {})
+    probe = {"dataset": recipe.dataset, "split": "train", "rows": f"last {len(x_cal)} (the calibration split)"}
+    return annotate_pack(pack_dir, out / old, out / new, x_cal, y_cal, probe)
 
 
 def train_all(

@@ -33,6 +33,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from service.rescore import ItemVectors, rescore
+
 log = logging.getLogger(__name__)
 
 TOMBSTONE_REBUILD_FRACTION = 0.2
@@ -461,6 +463,10 @@ class IndexSet:
     layout: Layout
     new: VectorIndex | None
     old: VectorIndex | None = None
+    # Reverse path: h(v1) of every OLD item, to re-score OLD's top `rescore_depth * k` in the new space
+    # (service/rescore.py); None on the other paths, or with re-scoring off.
+    rescore_vectors: ItemVectors | None = None
+    rescore_depth: int = 0
     lock: RWLock = field(default_factory=RWLock)
 
     def sides(self) -> dict[str, int]:
@@ -491,21 +497,25 @@ class IndexSet:
         to_new: tuple[np.ndarray, np.ndarray] | None = None,
         to_old: tuple[np.ndarray, np.ndarray] | None = None,
         remove: Iterable[int] | None = None,
+        old_rescore: np.ndarray | None = None,
     ) -> tuple[int, int]:
         """One atomic batch: add/replace `to_new` in NEW (removing those ids from OLD), add `to_old` to OLD
-        except ids NEW already holds, and remove `remove` from both. Returns (added to new, added to old)."""
+        except ids NEW already holds, and remove `remove` from both. `old_rescore` (rows aligned with
+        `to_old`) are the OLD items' re-scoring vectors where the set keeps them. Returns (added to new,
+        added to old)."""
         n_new = n_old = 0
         with self.lock.write():
             if remove is not None:
                 rm = _as_ids(remove)
                 if rm.size:
-                    for side in (self.new, self.old):
+                    for side in (self.new, self.old, self.rescore_vectors):
                         if side is not None:
                             side.remove(rm)
             if to_new is not None and to_new[0].size and self.new is not None:
                 ids, vecs = to_new
-                if self.old is not None:
-                    self.old.remove(ids)
+                for side in (self.old, self.rescore_vectors):
+                    if side is not None:
+                        side.remove(ids)
                 self.new.add(ids, vecs)
                 n_new = int(ids.size)
             if to_old is not None and to_old[0].size and self.old is not None:
@@ -514,6 +524,10 @@ class IndexSet:
                 keep = np.array([new_side is None or int(i) not in new_side for i in ids], dtype=bool)
                 if keep.any():
                     self.old.add(ids[keep], vecs[keep])
+                    if self.rescore_vectors is not None:
+                        if old_rescore is None:
+                            raise ValueError("this index set re-scores OLD: old_rescore vectors are required")
+                        self.rescore_vectors.add(ids[keep], np.asarray(old_rescore)[keep])
                 n_old = int(keep.sum())
         return n_new, n_old
 
@@ -531,8 +545,17 @@ class IndexSet:
             )
             old_hits = None
             if self.old is not None and q_old is not None:
-                old_hits = self.old.search(q_old, k)
+                if self.rescores and q_new is not None:
+                    _, cand = self.old.search(q_old, self.rescore_depth * k)
+                    old_hits = rescore(q_new, cand, self.rescore_vectors, k)  # type: ignore[arg-type]
+                else:
+                    old_hits = self.old.search(q_old, k)
             return new_hits, old_hits
+
+    @property
+    def rescores(self) -> bool:
+        """OLD's hits are re-scored in the new space (their distances are forward-path distances)."""
+        return self.rescore_vectors is not None and self.rescore_depth > 0
 
 
 class IndexManager:

@@ -28,11 +28,13 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.evaluate import RESCORE_DEPTH
 from service import events
 from service.cursor import Cursor, Horizon, horizon_for
 from service.db.models import Embedding, Item, ModelVersion, Rollout
 from service.index import IndexManager, IndexSet, Layout, VectorIndex
 from service.metrics import INDEX_VECTORS, INGESTED_TOTAL, INGESTION_LAG_SECONDS, SERVING_INFO
+from service.rescore import ItemVectors
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,8 @@ class Follower:
                 search_params=self.search_params,
             )
         ix = IndexSet(layout=layout, new=new, old=old)
+        if layout.mode == "reverse" and RESCORE_DEPTH > 0:  # h(v1) per OLD item: see service/rescore.py
+            ix.rescore_vectors, ix.rescore_depth = ItemVectors(dims[str(layout.to_model)]), RESCORE_DEPTH
         self._catch_up(ix, cursor, metrics=False)
         previous = self.manager.swap(ix)
         self.cursor = cursor
@@ -293,6 +297,7 @@ class Follower:
             vecs.append(v)
             newest = r.created_at if newest is None or r.created_at > newest else newest
         to_new = to_old = None
+        old_rescore = None
         if new_ids:
             to_new = (np.asarray(new_ids, np.int64), np.stack(new_vecs).astype(np.float32))
         if old_ids:
@@ -300,7 +305,9 @@ class Follower:
             if layout.mode == "forward":
                 ov = self.forward(str(layout.from_model), str(layout.to_model), ov)
             to_old = (np.asarray(old_ids, np.int64), ov)
-        n_new, n_old = ix.apply(to_new=to_new, to_old=to_old)
+            if ix.rescore_vectors is not None:
+                old_rescore = self.forward(str(layout.from_model), str(layout.to_model), ov)
+        n_new, n_old = ix.apply(to_new=to_new, to_old=to_old, old_rescore=old_rescore)
         cursor.observe([int(r.seq) for r in rows])
         self._export_ingested(metrics, n_new, n_old, newest)
         return len(fetched), int(fetched[-1].seq)

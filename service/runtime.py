@@ -257,7 +257,9 @@ class Runtime:
                 od, oi = old
                 if lay.new_model is not None:  # on the old-only path nothing is merged: OLD is the answer
                     pack = self.compat(str(lay.from_model), str(lay.to_model))
-                    od = pack.calibrate(str(lay.mode), od)  # empty slots (id -1) are dropped by the merge
+                    # re-scored reverse hits carry forward-path distances (service/rescore.py)
+                    calibration = "forward" if ix.rescores else str(lay.mode)
+                    od = pack.calibrate(calibration, od)  # empty slots (id -1) are dropped by the merge
             merged = merge_topk(nd, ni, od, oi, k)
             ext = self.manager.external_ids
             results = [[_hit(h, ext) for h in row if h.item_id in ext] for row in merged]

@@ -1,4 +1,4 @@
-"""Section 6: offline harness curve time (FAISS top-k) vs the dense-matrix approach (`models/evaluate.py`)."""
+"""Section 6: offline harness curve time (FAISS top-k) vs the dense-matrix approach (`models/harness.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from devtools.bench.config import BenchConfig
 
 
 def section_harness(cfg: BenchConfig, art: Artifacts) -> dict[str, Any]:
-    from models.evaluate import N_POINTS, build_evaluator, policy_order, time_dense_points
+    from models.evaluate import N_POINTS, build_evaluator, policy_order
+    from models.harness import time_dense_points
 
     if not art.shipped:
         return {"skipped": f"shipped artifacts not found under {cfg.artifacts}"}

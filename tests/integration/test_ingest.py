@@ -82,6 +82,11 @@ def add_items(s: Session, n: int, vecs: np.ndarray, prefix: str = "i") -> list[i
     return [it.id for it in items]
 
 
+def to_new_space(src: str, dst: str, v: np.ndarray) -> np.ndarray:
+    """A stand-in transformation v1 -> v2 (zero-padding: D1 -> D2, distances kept)."""
+    return np.pad(v, ((0, 0), (0, D2 - D1)))
+
+
 def follower(sm: sessionmaker[Session], **kw: object) -> tuple[Follower, IndexManager]:
     manager = IndexManager()
     f = Follower(
@@ -91,7 +96,7 @@ def follower(sm: sessionmaker[Session], **kw: object) -> tuple[Follower, IndexMa
         use_gpu=False,
         batch_size=int(kw.pop("batch_size", 100)),  # type: ignore[call-overload]
         poll_seconds=float(kw.pop("poll_seconds", 0.05)),
-        forward=lambda a, b, v: v,
+        forward=to_new_space,
         **kw,
     )  # type: ignore[arg-type]
     return f, manager
@@ -210,7 +215,8 @@ def test_every_live_item_found_exactly_once_during_ingestion(sm: sessionmaker[Se
     embeddings in batches, while reader threads search with each item's own vectors."""
     rng = np.random.default_rng(2)
     n = 600
-    v1, v2 = unit(rng, n, D1), unit(rng, n, D2)
+    v1 = unit(rng, n, D1)
+    v2 = to_new_space("v1", "v2", v1)  # the OLD side re-scores by h(v1): a query finds its item on either side
     with sm() as s:
         ids = add_items(s, n, v1)
         s.add(

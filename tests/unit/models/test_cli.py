@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,16 @@ def test_train_all_quick_then_eval_curve(tmp_path: Path) -> None:
     assert set(pack.manifest["predictions"]["curves"]) == {"reverse", "forward", "two-pass", "old-only"}
     for mode in cal:
         assert np.all(np.diff(cal[mode]["x"]) > 0) and np.all(np.diff(cal[mode]["y"]) >= 0)
+    assert pack.order is not None and pack.manifest["order"]["rows"] == 600  # the quick recipe's order net
+    before = pack.manifest["predictions"]
+    order_file = art / "compat-v1-v2" / "order.pt"
+    os.utime(order_file, ns=(0, 0))  # `train order` fits it again (a new file) and re-predicts
+    r = runner.invoke(_app(), ["train", "order", "--quick", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    again = load_compat(art / "compat-v1-v2")
+    assert order_file.stat().st_mtime_ns > 0
+    assert again.order is not None and again.manifest["predictions"]["old_old"] == before["old_old"]
+    assert "reverse: uncertainty" in r.output
 
     out = tmp_path / "eval"
     r = runner.invoke(
@@ -53,6 +64,7 @@ def test_train_all_quick_then_eval_curve(tmp_path: Path) -> None:
     assert (out / "curve.png").stat().st_size > 0 and "relative gain" in (out / "curve.md").read_text()
     names = {c["name"] for c in result["curves"]}
     assert "baseline raw merge" in names and "reverse / uncertainty" in names and "forward / oracle" in names
+    assert "reverse / benefit" in names and "reverse without re-scoring / random" in names
     for c in result["curves"]:
         assert len(c["map"]) == 22
         if c["mode"] != "raw":

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from models import evaluate as E
+from models import harness as H
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -169,7 +170,7 @@ def test_merged_point_equals_dense_computation(toy: dict[str, np.ndarray], n_new
     mask = np.zeros(len(toy["labels"]), bool)
     mask[E.policy_order("random", len(mask), seed=3)[:n_new]] = True
     got = ev.point(mask, "reverse")
-    dense = E.dense_point(ev, mask, "reverse")
+    dense = H.dense_point(ev, mask, "reverse")
     assert got[0] == pytest.approx(dense[0], abs=1e-6)
     assert got[1] == pytest.approx(dense[1], abs=1e-6)
     ranked = ev.ranked(mask, "reverse")
@@ -184,3 +185,45 @@ def test_summarize() -> None:
     assert s["relative_gain"] == pytest.approx(0.475)
     assert s["largest_negative_flip"] == pytest.approx(0.02)
     assert s["negative_flips"] == 1
+
+
+def _rescored(toy: dict[str, np.ndarray], k: int, depth: int, cache_k: int) -> E.Evaluator:
+    rng = np.random.default_rng(7)
+    h_old = _unit(toy["old"] @ rng.normal(size=(8, 16)).astype(np.float32))
+
+    def half(d: np.ndarray) -> np.ndarray:
+        return (0.5 * d).astype(np.float32)
+
+    space = E.Space(toy["old"], toy["psi_new"], E._identity, E.Rescore(h_old, toy["new"], half, depth))
+    return E.Evaluator(toy["labels"], toy["new"], {"reverse": space}, k, cache_k)
+
+
+@pytest.mark.parametrize(("n_new", "depth", "cache_k"), [(0, 3, 60), (120, 3, 60), (120, 2, 400), (280, 1, 30)])
+def test_rescored_point_equals_dense_computation(
+    toy: dict[str, np.ndarray], n_new: int, depth: int, cache_k: int
+) -> None:
+    """The re-scored reverse path (top depth*k psi candidates re-ranked by h distances) = the dense way."""
+    ev = _rescored(toy, 20, depth, cache_k)
+    mask = np.zeros(len(toy["labels"]), bool)
+    mask[E.policy_order("random", len(mask), seed=5)[:n_new]] = True
+    got = ev.point(mask, "reverse")
+    dense = H.dense_point(ev, mask, "reverse")
+    assert got[0] == pytest.approx(dense[0], abs=1e-6) and got[1] == pytest.approx(dense[1], abs=1e-6)
+
+
+def test_rescoring_keeps_only_the_psi_candidates(toy: dict[str, np.ndarray]) -> None:
+    """Brute force, one query at a time: OLD's answer is the depth*k nearest by psi, re-sorted by h distance."""
+    k, depth = 10, 2
+    ev = _rescored(toy, k, depth, 400)
+    r = ev.old_spaces["reverse"].rescore
+    assert r is not None
+    members = np.ones(len(toy["labels"]), bool)
+    d, ids = ev.old_side("reverse", members)
+    for q in range(0, len(members), 37):
+        dp = ((toy["old"] - toy["psi_new"][q]) ** 2).sum(1)
+        dp[q] = np.inf
+        cand = np.argsort(dp, kind="stable")[: depth * k]
+        dh = ((r.gallery[cand] - r.queries[q]) ** 2).sum(1)
+        expect = cand[np.argsort(dh, kind="stable")[:k]]
+        assert ids[q].tolist() == expect.tolist()
+        assert np.allclose(d[q], 0.5 * np.sort(dh)[:k], atol=1e-5)

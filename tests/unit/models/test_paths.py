@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from models import evaluate as E
+from models import harness as H
 from models.paths import (
     ORDER_Z,
     PATHS,
@@ -88,8 +89,24 @@ def test_ends_and_the_safe_path_against_brute_force(toy: dict[str, Any]) -> None
         assert pred["curves"]["two-pass"][order]["map"][0] == pytest.approx(old_old, abs=1e-5)  # v1 queries, all OLD
         for path in ("reverse", "forward", "two-pass"):
             assert pred["curves"][path][order]["map"][-1] == pytest.approx(new_new, abs=1e-5)
-    psi0 = _brute_map(toy["pack"].reverse(toy["new"]), toy["old"], labels, 20)
-    assert pred["curves"]["reverse"]["uncertainty"]["map"][0] == pytest.approx(psi0, abs=1e-5)
+    rev0 = _brute_rescored_map(toy, 20, E.RESCORE_DEPTH)
+    assert pred["curves"]["reverse"]["uncertainty"]["map"][0] == pytest.approx(rev0, abs=1e-5)
+
+
+def _brute_rescored_map(toy: dict[str, Any], k: int, depth: int) -> float:
+    """The reverse path at fraction 0: each query's depth*k nearest v1 vectors by psi(v2(q)), re-ranked by
+    ||v2(q) - h(v1)||^2 (the toy's forward calibration is the identity)."""
+    pack, labels = toy["pack"], toy["labels"]
+    psi_q, h_old = pack.reverse(toy["new"]), pack.forward(toy["old"])
+    aps = []
+    for q in range(len(labels)):
+        d = ((toy["old"] - psi_q[q]) ** 2).sum(1)
+        d[q] = np.inf
+        cand = np.argsort(d, kind="stable")[: depth * k]
+        cand = cand[np.argsort(((h_old[cand] - toy["new"][q]) ** 2).sum(1), kind="stable")][:k]
+        rel = labels[cand] == labels[q]
+        aps.append(float((rel * np.cumsum(rel) / np.arange(1, k + 1)).sum() / max(rel.sum(), 1)))
+    return float(np.mean(aps))
 
 
 def test_an_interior_point_equals_the_dense_merge(toy: dict[str, Any]) -> None:
@@ -100,7 +117,7 @@ def test_an_interior_point_equals_the_dense_merge(toy: dict[str, Any]) -> None:
     in_new = np.zeros(n, bool)
     in_new[order[: E.n_in_new(5 / 21, n)]] = True
     ev = E.pair_evaluator(toy["old"], toy["new"], labels, pack, k=20)
-    dense, _ = E.dense_point(ev, in_new, "two-pass")
+    dense, _ = H.dense_point(ev, in_new, "two-pass")
     assert toy["pred"]["curves"]["two-pass"]["uncertainty"]["map"][5] == pytest.approx(dense, abs=1e-5)
 
 
