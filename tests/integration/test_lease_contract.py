@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.db import BackfillTask, Embedding, Item, ModelVersion, make_engine, make_sessionmaker
 from service.db.models import Base, Rollout
-from worker import backfill
+from worker import backfill, pipeline
 from worker.context import WorkerContext
 
 pytestmark = pytest.mark.integration
@@ -49,18 +49,21 @@ class World:
     other: int  # another rollout (aborted): nothing here may touch its tasks
     items: list[int] = field(default_factory=list)
     clock: list[dt.datetime] = field(default_factory=lambda: [T0])
+    fast: bool = False  # claim and commit through the worker's Postgres fast path (worker/pipeline.py)
 
     def tick(self, seconds: float) -> dt.datetime:
         self.clock[0] = self.clock[0] + dt.timedelta(seconds=seconds)
         return self.clock[0]
 
 
-BOTH = pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+# "pipeline": Postgres, claims and commits through the statements the worker runs there (worker/pipeline.py:
+# `claim_rows`, `commit_fast`); "postgres" and "sqlite": the reference functions of worker/backfill.py.
+BOTH = pytest.mark.parametrize("backend", ["postgres", "pipeline", "sqlite"])
 
 
-@pytest.fixture
-def backend() -> str:
-    return "postgres"
+@pytest.fixture(params=["postgres", "pipeline"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def _settings(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
@@ -70,7 +73,7 @@ def _settings(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
         "max_attempts": MAX,
         "lease_seconds": LEASE,
     }
-    if backend == "postgres":
+    if backend in ("postgres", "pipeline"):
         return Settings(database_url=request.getfixturevalue("pg"), **common)
     return Settings(**common)  # the embedded SQLite file under data_dir
 
@@ -109,8 +112,9 @@ def world(
         ]
         s.add_all(roll)
         s.commit()
-        w = World(ctx, maker, roll[0].id, roll[1].id, [i.id for i in items])
+        w = World(ctx, maker, roll[0].id, roll[1].id, [i.id for i in items], fast=backend == "pipeline")
     monkeypatch.setattr(backfill, "utcnow", lambda: w.clock[0])
+    monkeypatch.setattr(pipeline, "utcnow", lambda: w.clock[0])
     yield w
     engine.dispose()
 
@@ -195,6 +199,8 @@ def claimable(rows: dict[int, dict[str, Any]], rollout: int, now: dt.datetime) -
 
 def claim(w: World, n: int) -> backfill.Claimed:
     with w.maker() as s:
+        if w.fast:
+            return pipeline.claim_rows(s, w.ctx, w.rollout, n)[0]
         return backfill.claim(s, w.ctx, w.rollout, n)
 
 
@@ -456,7 +462,8 @@ def commit(w: World, claimed: backfill.Claimed, vectors: dict[int, np.ndarray], 
     with w.maker() as s:
         rollout = s.get(Rollout, w.rollout)
         assert rollout is not None
-        return backfill.commit_batch(s, w.ctx, rollout, claimed, vectors, errors)
+        commit_batch = pipeline.commit_fast if w.fast else backfill.commit_batch
+        return commit_batch(s, w.ctx, rollout, claimed, vectors, errors)
 
 
 @pytest.mark.parametrize("status", ["running", "paused"])
