@@ -66,6 +66,16 @@ class Settings(BaseSettings):
         description="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); empty = FAISS defaults.",
     )
     use_gpu: bool = Field(True, description="Use faiss-gpu / CUDA when present.")
+    index_backend: Literal["faiss", "milvus"] = Field(
+        "faiss",
+        description="Where OLD and NEW live: `faiss` (in-process) or `milvus` (a collection per space, exact "
+        "FLAT/L2; needs the `milvus` extra).",
+    )
+    milvus_uri: str | None = Field(
+        None,
+        description="Milvus to use with the `milvus` backend: a server URI (http://host:19530) or a milvus-lite "
+        "file (one process only). Default: data_dir/milvus.db (milvus-lite).",
+    )
     max_k: int = Field(100, ge=1, le=10_000, description="Largest k a search may ask for.")
     max_batch_queries: int = Field(256, ge=1, description="Largest /search/batch.")
     search_batching: bool = Field(
@@ -235,6 +245,8 @@ def check_startup(settings: Settings) -> None:
             f"BACKFILL_ARTIFACTS_DIR={str(settings.artifacts_dir)!r}: no such directory "
             "(expected the folder holding the model artifacts, e.g. ./artifacts)"
         )
+    if settings.index_backend == "milvus":
+        _check_milvus(settings)
     import faiss
 
     try:
@@ -245,3 +257,16 @@ def check_startup(settings: Settings) -> None:
             f"BACKFILL_INDEX_FACTORY={settings.index_factory!r}: FAISS cannot build it ({problem}); "
             "expected a factory string such as Flat, IVF1024,Flat or HNSW32"
         ) from None
+
+
+def _check_milvus(settings: Settings) -> None:
+    """The milvus backend: its client installed, and only the exact (Flat) index, the one it builds."""
+    import importlib.util
+
+    if importlib.util.find_spec("pymilvus") is None:
+        raise SettingsError("BACKFILL_INDEX_BACKEND='milvus': pymilvus is not installed (pip install '.[milvus]')")
+    if settings.index_factory.strip().upper() != "FLAT":
+        raise SettingsError(
+            f"BACKFILL_INDEX_FACTORY={settings.index_factory!r}: the milvus backend builds exact FLAT "
+            "collections only; set Flat"
+        )

@@ -33,6 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from service.index_backend import SpaceIndex
 from service.rescore import ItemVectors, rescore
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,9 @@ class VectorIndex:
     def ids(self) -> set[int]:
         return self._ids.to_set()
 
+    def close(self) -> None:
+        """Nothing to release: the index is this object's memory."""
+
     # --- writes --------------------------------------------------------------------------------------
     @property
     def staged(self) -> bool:
@@ -461,8 +465,8 @@ class IndexSet:
     """The indices a query searches, with the lock that keeps OLD/NEW moves atomic for readers."""
 
     layout: Layout
-    new: VectorIndex | None
-    old: VectorIndex | None = None
+    new: SpaceIndex | None  # a `VectorIndex` (FAISS) or another backend's (service/index_backend.py)
+    old: SpaceIndex | None = None
     # Reverse path: h(v1) of every OLD item, to re-score OLD's top `rescore_depth * k` in the new space
     # (service/rescore.py); None on the other paths, or with re-scoring off.
     rescore_vectors: ItemVectors | None = None
@@ -513,10 +517,12 @@ class IndexSet:
                             side.remove(rm)
             if to_new is not None and to_new[0].size and self.new is not None:
                 ids, vecs = to_new
+                # Insert before delete: on an engine that is not this process's memory, a failure between
+                # the two leaves the item on both sides (the merge drops the duplicate), never on neither.
+                self.new.add(ids, vecs)
                 for side in (self.old, self.rescore_vectors):
                     if side is not None:
                         side.remove(ids)
-                self.new.add(ids, vecs)
                 n_new = int(ids.size)
             if to_old is not None and to_old[0].size and self.old is not None:
                 ids, vecs = to_old

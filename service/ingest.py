@@ -33,6 +33,7 @@ from service import events
 from service.cursor import Cursor, Horizon, horizon_for
 from service.db.models import Embedding, Item, ModelVersion, Rollout
 from service.index import IndexManager, IndexSet, Layout, VectorIndex
+from service.index_backend import SpaceIndex, SpaceMaker
 from service.metrics import INDEX_VECTORS, INGESTED_TOTAL, INGESTION_LAG_SECONDS, SERVING_INFO
 from service.rescore import ItemVectors
 
@@ -75,6 +76,7 @@ class Follower:
         forward: Callable[[str, str, np.ndarray], np.ndarray],
         r: redis.Redis | None = None,
         on_cycle: Callable[[Session], None] | None = None,
+        make_space: SpaceMaker | None = None,
     ) -> None:
         self.sm = sm
         self._serving_labels: list[tuple[str, str, str]] = []
@@ -82,6 +84,9 @@ class Follower:
         self.factory = factory
         self.search_params = search_params
         self.use_gpu = use_gpu
+        # Another index backend's maker (service/index_backend.py); None: FAISS `VectorIndex` from the above.
+        self.make_space = make_space
+        self._retired: IndexSet | None = None  # that backend's previous layout, released one swap later
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.forward = forward  # (from, to, old vectors) -> h(old vectors)
@@ -114,6 +119,12 @@ class Follower:
         self._wake.set()
         for t in self._threads:
             t.join(timeout)
+        if self.make_space is not None:
+            self._release(self._retired)
+            self._release(self.manager.current)
+            self._retired = None
+            with contextlib.suppress(Exception):  # the engine's client (a milvus-lite server: stopped)
+                getattr(self.make_space, "close", lambda: None)()
 
     def wake(self) -> None:
         self._wake.set()
@@ -189,28 +200,24 @@ class Follower:
             cursor.del_hw = int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(Item.deleted_seq), 0))) or 0)
         new = old = None
         if layout.new_model is not None:
-            new = VectorIndex(
-                dims[layout.new_model],
-                self.factory,
-                space=str(layout.new_space),
-                use_gpu=self.use_gpu,
-                search_params=self.search_params,
-            )
+            new = self._new_space(dims[layout.new_model], str(layout.new_space))
         if layout.in_rollout:
             old_dim = dims[str(layout.to_model)] if layout.mode == "forward" else dims[str(layout.from_model)]
-            old = VectorIndex(
-                old_dim,
-                self.factory,
-                space=str(layout.old_space),
-                use_gpu=self.use_gpu,
-                search_params=self.search_params,
-            )
+            old = self._new_space(old_dim, str(layout.old_space))
         ix = IndexSet(layout=layout, new=new, old=old)
         if layout.mode == "reverse" and RESCORE_DEPTH > 0:  # h(v1) per OLD item: see service/rescore.py
             ix.rescore_vectors, ix.rescore_depth = ItemVectors(dims[str(layout.to_model)]), RESCORE_DEPTH
-        self._catch_up(ix, cursor, metrics=False)
+        try:
+            self._catch_up(ix, cursor, metrics=False)
+        except BaseException:
+            if self.make_space is not None:  # never swapped in: nobody else holds it
+                self._release(ix)
+            raise
         previous = self.manager.swap(ix)
         self.cursor = cursor
+        if self.make_space is not None:  # a query may still hold `previous`: release the one before it
+            self._release(self._retired)
+            self._retired = previous
         # Zero the previous labels rather than clearing them: with several uvicorn processes (multiprocess
         # mode) a cleared series would keep its last value in the other processes' files.
         for labels in self._serving_labels:
@@ -229,6 +236,21 @@ class Follower:
             previous.layout if previous else None,
         )
         return ix
+
+    def _new_space(self, dim: int, space: str) -> SpaceIndex:
+        if self.make_space is not None:
+            return self.make_space(dim, space)
+        return VectorIndex(dim, self.factory, space=space, use_gpu=self.use_gpu, search_params=self.search_params)
+
+    @staticmethod
+    def _release(ix: IndexSet | None) -> None:
+        """Close a retired set's sides once no reader is inside it (a backend's collections, dropped)."""
+        if ix is None:
+            return
+        with ix.lock.write():
+            for side in (ix.new, ix.old):
+                if side is not None:
+                    side.close()
 
     def _catch_up(self, ix: IndexSet, cursor: Cursor, metrics: bool) -> None:
         """Everything committed before this call: the rows past the watermark, then the open gaps, each

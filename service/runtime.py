@@ -29,6 +29,7 @@ from service.config import Settings
 from service.db import make_engine, make_sessionmaker, queries
 from service.db.models import ModelVersion
 from service.index import ExternalIds, IndexManager, IndexSet, Layout
+from service.index_backend import space_maker
 from service.ingest import Follower
 from service.merge import Hit, merge_topk
 from service.metrics import ENCODER_PASSES, SEARCH_STAGE_SECONDS
@@ -134,6 +135,7 @@ class Runtime:
             forward=self.forward,
             r=self.redis,
             on_cycle=self.refresh_models,
+            make_space=space_maker(self.settings),
         )
         if follow:
             self.follower.start()

@@ -27,6 +27,7 @@ def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  
         ("BACKFILL_LEASE_SECONDS", "-1", "lease_seconds"),
         ("BACKFILL_ENVIRONMENT", "staging", "environment"),
         ("BACKFILL_INDEX_SEARCH_PARAMS", "nprobe=many", "index_search_params"),
+        ("BACKFILL_INDEX_BACKEND", "qdrant", "index_backend"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str, field: str) -> None:
