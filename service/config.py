@@ -159,7 +159,7 @@ class Settings(BaseSettings):
     def _search_params(cls, v: str) -> str:
         v = v.strip()
         if v and not re.fullmatch(
-            r"(nprobe|efSearch|quantizer_efSearch|max_codes)=\d+(,(nprobe|efSearch|quantizer_efSearch|max_codes)=\d+)*",
+            r"(nprobe|efSearch|quantizer_efSearch|max_codes|k_factor)=\d+(,(nprobe|efSearch|quantizer_efSearch|max_codes|k_factor)=\d+)*",
             v,
         ):
             raise ValueError("must look like nprobe=16 or efSearch=128 (comma-separated name=integer pairs)")
@@ -249,14 +249,27 @@ def check_startup(settings: Settings) -> None:
         _check_milvus(settings)
     import faiss
 
+    factory = settings.index_factory.strip()
     try:
-        faiss.index_factory(64, settings.index_factory)
+        built = faiss.index_factory(64, factory)
     except Exception as e:
         problem = str(e).strip().rsplit(": ", 1)[-1] or type(e).__name__
         raise SettingsError(
             f"BACKFILL_INDEX_FACTORY={settings.index_factory!r}: FAISS cannot build it ({problem}); "
             "expected a factory string such as Flat, IVF1024,Flat or HNSW32"
         ) from None
+    ivf = factory.upper().startswith("IVF")
+    refine = "REFINE" in factory.upper() or "RFLAT" in factory.upper()
+    if refine and not (ivf and re.fullmatch(r".+?,\s*RFlat", factory, flags=re.IGNORECASE)):
+        raise SettingsError(
+            f"BACKFILL_INDEX_FACTORY={settings.index_factory!r}: FAISS's IndexRefine has no ids or removal; "
+            "exact re-ranking is served as IVF<n>,...,RFlat only (e.g. IVF1024,PQ16,RFlat)"
+        )
+    if not ivf and not built.is_trained:
+        raise SettingsError(
+            f"BACKFILL_INDEX_FACTORY={settings.index_factory!r}: it needs training, which the service does "
+            "for IVF indices only; put it behind IVF<n>, (e.g. IVF1024,PQ16)"
+        )
 
 
 def _check_milvus(settings: Settings) -> None:

@@ -9,6 +9,12 @@ exact k-NN (squared L2). Index types come from a FAISS factory string:
   add that crosses that size trains the IVF on every vector held and moves them in. A start-up rebuild
   (batches of ``rebuild_batch_size``) thus trains on a real sample, not on its first batch, and a small
   gallery stays exact.
+  Compressed lists (``IVF1024,PQ16``: 16 bytes of code per vector) work the same way; their staging
+  threshold also covers the PQ codebooks (``2**nbits`` centroids per sub-quantizer, 39 points each).
+- ``IVF<n>,...,RFlat``: the IVF index above plus exact re-ranking: the top ``k_factor * k`` candidates
+  (``k_factor=<n>`` in the search parameters, default ``DEFAULT_K_FACTOR``) are re-ranked by squared L2 to
+  the item's float32 vector, kept by item id beside the index. FAISS's own ``IndexRefineFlat`` has neither
+  ids nor removal, so the service builds the refine itself; other refine forms are refused at start-up.
 - ``HNSW<m>`` and every GPU index: no native removal, so removed ids become tombstones filtered out of
   results (the search over-fetches by the tombstone count) and the index is rebuilt from a host copy
   of its vectors once tombstones pass a fraction of it.
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 TOMBSTONE_REBUILD_FRACTION = 0.2
 TOMBSTONE_REBUILD_MIN = 1024
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns below this
+DEFAULT_K_FACTOR = 4  # ",RFlat": candidates re-ranked per result, unless search params say k_factor=<n>
+_RFLAT = re.compile(r"^(.+?),\s*RFlat$", flags=re.IGNORECASE)
 # Searches of at most this many queries run on one OpenMP thread. FAISS's thread count is per calling
 # thread and defaults to every core in a request thread (uvicorn's pool): for one query the OpenMP team
 # costs more than it saves, badly so on a busy host (the bench: 100k Flat, 28 ms -> 0.7 ms).
@@ -243,10 +251,18 @@ class VectorIndex:
         self, dim: int, factory: str = "Flat", *, space: str = "", use_gpu: bool = False, search_params: str = ""
     ) -> None:
         self.dim = dim
-        self.search_params = search_params.strip()  # e.g. "nprobe=16" (IVF) or "efSearch=128" (HNSW)
+        params = [p for p in search_params.replace(" ", "").split(",") if p]
+        kf = [int(p.split("=", 1)[1]) for p in params if p.lower().startswith("k_factor=")]
+        self.k_factor = max(1, kf[-1]) if kf else DEFAULT_K_FACTOR
+        # e.g. "nprobe=16" (IVF) or "efSearch=128" (HNSW), for FAISS; k_factor is this class's own
+        self.search_params = ",".join(p for p in params if not p.lower().startswith("k_factor="))
         self.space = space  # the model version (or "v1->v2" for forward-transformed vectors) it holds
         self.factory = factory.strip() or "Flat"
-        self._kind = self._classify(self.factory)
+        refine = _RFLAT.match(self.factory)
+        # ",RFlat": the base index's candidates re-ranked against exact vectors kept here by item id
+        self._exact = ItemVectors(dim) if refine else None
+        self._base = refine.group(1) if refine else self.factory
+        self._kind = self._classify(self._base)
         # GPU for exact (Flat) search only; IVF/HNSW stay on the CPU where removal/HNSW are supported.
         self.on_gpu = self._kind == "flat" and gpu_available(use_gpu)
         # Tombstone mode keeps sequential internal positions -> item ids and a host copy of the vectors.
@@ -255,7 +271,7 @@ class VectorIndex:
         self._dead: set[int] = set()
         self._pos_ids = np.zeros(0, dtype=np.int64)
         self._host = np.zeros((0, dim), dtype=np.float32)
-        self._index = self._new_index(self.factory)
+        self._index = self._new_index(self._base)
         self._apply_search_params()
 
     def _apply_search_params(self) -> None:
@@ -293,6 +309,14 @@ class VectorIndex:
     def ids(self) -> set[int]:
         return self._ids.to_set()
 
+    def memory_bytes(self) -> int:
+        """The index's size as FAISS serialises it (codes, ids, centroids, codebooks), plus the exact vectors
+        of a re-ranking index and the host copy of a tombstone one; not the id bitmap (1 B per item id)."""
+        size = int(faiss.serialize_index(self._index).size) if not self.on_gpu else 0
+        if self._exact is not None:
+            size += self._exact.nbytes()
+        return size + int(self._host.nbytes + self._pos_ids.nbytes)
+
     def close(self) -> None:
         """Nothing to release: the index is this object's memory."""
 
@@ -303,21 +327,27 @@ class VectorIndex:
         return self._kind == "ivf" and not isinstance(self._index, faiss.IndexIVF)
 
     def _promote_if_ready(self) -> None:
-        m = re.match(r"IVF(\d+)", self.factory, flags=re.IGNORECASE)
+        m = re.match(r"IVF(\d+)", self._base, flags=re.IGNORECASE)
         nlist = int(m.group(1)) if m else 1
+        pq = re.search(r",PQ\d+(?:x(\d+))?", self._base, flags=re.IGNORECASE)  # codebooks of 2**nbits
+        centroids = max(nlist, 2 ** int(pq.group(1) or 8)) if pq else nlist
         n = self._index.ntotal
-        if n < nlist * MIN_POINTS_PER_CENTROID:
+        if n < centroids * MIN_POINTS_PER_CENTROID:
             return
         staging = self._index
         assert isinstance(staging, faiss.IndexIDMap)
         ids = faiss.vector_to_array(staging.id_map).astype(np.int64)
         vecs = staging.index.reconstruct_n(0, n)
-        ivf = faiss.index_factory(self.dim, self.factory, faiss.METRIC_L2)
+        ivf = faiss.index_factory(self.dim, self._base, faiss.METRIC_L2)
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            # The factory turns polysemous training on: it serves only polysemous_ht search (unused here) and
+            # was most of the training time (12k x 16-d vectors: 13 s -> 3 s).
+            ivf.do_polysemous_training = False  # type: ignore[attr-defined]
         ivf.train(vecs)
         ivf.add_with_ids(vecs, ids)
         self._index = ivf
         self._apply_search_params()
-        log.info("IVF index %s trained on %d vectors (space %s)", self.factory, n, self.space)
+        log.info("IVF index %s trained on %d vectors (space %s)", self._base, n, self.space)
 
     def add(self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray) -> None:
         """Add vectors under item ids; an id already present is replaced."""
@@ -343,6 +373,8 @@ class VectorIndex:
             self._host = np.concatenate([self._host, v])
         else:
             self._index.add_with_ids(v, ids_a)
+        if self._exact is not None:
+            self._exact.add(ids_a, v)
         self._ids.add(ids_a)
         if self.staged:
             self._promote_if_ready()
@@ -358,6 +390,8 @@ class VectorIndex:
                 self._compact()
         else:
             self._index.remove_ids(gone)  # type: ignore[arg-type]
+            if self._exact is not None:
+                self._exact.remove(gone)
         return int(gone.size)
 
     def _compact(self) -> None:
@@ -366,7 +400,7 @@ class VectorIndex:
         self._pos_ids = self._pos_ids[keep]
         self._host = np.ascontiguousarray(self._host[keep])
         self._dead.clear()
-        self._index = self._new_index(self.factory)
+        self._index = self._new_index(self._base)
         self._apply_search_params()
         if len(self._pos_ids):
             self._index.add(self._host)
@@ -378,6 +412,10 @@ class VectorIndex:
         m = q.shape[0]
         n = self._index.ntotal
         _omp_for(m)
+        if self._exact is not None and not self.staged and n and k > 0 and m:
+            # Exact re-ranking of the compressed index's top k_factor * k (the staging index is exact).
+            _, cand = self._index.search(q, self.k_factor * k)
+            return rescore(q, cand, self._exact, k)
         if not self.tombstones and n >= k > 0 and m:
             # The common case, on every query's path: FAISS's arrays as they are.
             d, i = self._index.search(q, k)

@@ -30,6 +30,10 @@ class ItemVectors:
     def __len__(self) -> int:
         return self._live
 
+    def nbytes(self) -> int:
+        """Bytes held: the vectors (dead rows until compaction included), row -> id, and id -> row."""
+        return int(self._vecs.nbytes + self._ids.nbytes + self._row.nbytes)
+
     def _grow_map(self, top: int) -> None:
         if top >= len(self._row):
             grown = np.full(max(top + 1, 2 * len(self._row), 1024), -1, dtype=np.int64)

@@ -16,8 +16,9 @@ module each:
 5. ingestion lag, commit -> searchable in the API's index (Redis event, and polling alone) (`lag`);
 6. offline harness curve time (FAISS top-k) vs the dense-matrix approach (`harness`);
 7. API process memory per item for 1M d=64 vectors vs the raw vector bytes (in a fresh process) (`memory`);
-8. 1M items: start-up rebuild from Postgres (rows loaded with binary COPY), and IVF / HNSW recall@10 vs
-   Flat with their speed-up (`large`).
+8. 1M items: start-up rebuild from Postgres (rows loaded with binary COPY), IVF / HNSW recall@10 vs
+   Flat with their speed-up, and memory per item of IVF-PQ and IVF-PQ with exact re-ranking beside Flat
+   (`large`).
 
 ``--quick`` shrinks every size so the whole run takes well under a minute. The section modules are
 imported when a run starts, so registering the command stays cheap.

@@ -1,5 +1,6 @@
-"""Section 8: 1M items: start-up rebuild from Postgres (rows loaded with binary COPY), and IVF / HNSW
-recall@10 vs Flat with their speed-up."""
+"""Section 8: 1M items: start-up rebuild from Postgres (rows loaded with binary COPY), IVF / HNSW
+recall@10 vs Flat with their speed-up, and memory per item of compressed indices (IVF-PQ, and IVF-PQ with
+exact re-ranking) beside Flat."""
 
 from __future__ import annotations
 
@@ -184,8 +185,12 @@ def copy_embeddings(db_url: str, n: int, d: int, seed: int = 5, chunk: int = 100
 # ---------------------------------------------------------------------------------- ANN recall
 
 
+COMPRESSED = ("IVF1024,PQ16", "IVF1024,PQ16,RFlat")  # 16 bytes of code per d=64 vector (256 raw)
+
+
 def _build(n: int, d: int, threads: int) -> dict[str, tuple[Any, float]]:
-    """Flat, IVF1024,Flat and HNSW32 over `n` clustered vectors (builds use every core): (index, seconds)."""
+    """Flat, IVF1024,Flat, HNSW32 and the compressed indices over `n` clustered vectors (builds use every
+    core): (index, seconds)."""
     import faiss
 
     from service.index import VectorIndex
@@ -196,7 +201,7 @@ def _build(n: int, d: int, threads: int) -> dict[str, tuple[Any, float]]:
     ids = np.arange(1, n + 1, dtype=np.int64)
     out: dict[str, tuple[Any, float]] = {}
     faiss.omp_set_num_threads(os.cpu_count() or 1)  # builds use every core, as a start-up would
-    for factory in ("Flat", "IVF1024,Flat", "HNSW32"):
+    for factory in ("Flat", "IVF1024,Flat", "HNSW32", *COMPRESSED):
         t0 = time.perf_counter()
         vi = VectorIndex(d, factory, space="v1")
         vi.add(ids, vecs)
@@ -222,6 +227,69 @@ KNOBS: list[tuple[str, str, Callable[[Any, int], None], tuple[int, ...]]] = [
     ("IVF1024,Flat", "nprobe", lambda ix, v: setattr(ix, "nprobe", v), (1, 8, 32)),
     ("HNSW32", "efSearch", lambda ix, v: setattr(ix.hnsw, "efSearch", v), (16, 64, 128)),
 ]
+
+
+def _recall_at(got: np.ndarray, truth: np.ndarray, k: int) -> float:
+    return float(np.mean([len(set(g) & set(t)) / k for g, t in zip(got.tolist(), truth.tolist(), strict=True)]))
+
+
+# (factory, nprobe or efSearch, k_factor): the memory table's settings, beside Flat
+MEMORY_ROWS: list[tuple[str, int, int]] = [
+    ("IVF1024,Flat", 8, 0),
+    ("IVF1024,Flat", 32, 0),
+    ("HNSW32", 64, 0),
+    ("IVF1024,PQ16", 8, 0),
+    ("IVF1024,PQ16", 32, 0),
+    ("IVF1024,PQ16,RFlat", 8, 4),
+    ("IVF1024,PQ16,RFlat", 32, 4),
+    ("IVF1024,PQ16,RFlat", 32, 16),
+]
+
+
+def memory_rows(
+    built: dict[str, tuple[Any, float]], queries: np.ndarray, truth: np.ndarray, flat_t: float, k: int
+) -> list[dict[str, Any]]:
+    """Memory per item (`VectorIndex.memory_bytes`: the FAISS index as `faiss.serialize_index` writes it,
+    plus a re-ranking index's exact vectors and a tombstone index's host copy; not the 1 B/item id bitmap),
+    recall@k against exact search and single-query p50 for each of MEMORY_ROWS, Flat first."""
+    flat = built["Flat"][0]
+    rows = [
+        {
+            "index": "Flat",
+            "setting": "exact",
+            "build_s": built["Flat"][1],
+            "bytes_per_item": flat.memory_bytes() / len(flat),
+            "recall": 1.0,
+            "p50_ms": flat_t * 1000,
+            "speedup": 1.0,
+        }
+    ]
+    for factory, probe, k_factor in MEMORY_ROWS:
+        vi = built[factory][0]
+        if vi.staged:
+            setting = "exact staging (too few vectors to train)"
+        elif factory.startswith("HNSW"):
+            vi._index.hnsw.efSearch = probe
+            setting = f"efSearch={probe}"
+        else:
+            vi._index.nprobe = probe
+            setting = f"nprobe={probe}"
+        if k_factor:
+            vi.k_factor = k_factor
+            setting += f", k_factor={k_factor}"
+        got, t = _timed(vi, queries, k)
+        rows.append(
+            {
+                "index": factory,
+                "setting": setting,
+                "build_s": built[factory][1],
+                "bytes_per_item": vi.memory_bytes() / len(vi),
+                "recall": _recall_at(got, truth, k),
+                "p50_ms": t * 1000,
+                "speedup": flat_t / t,
+            }
+        )
+    return rows
 
 
 def recall_study(cfg: BenchConfig, n: int, d: int = 64) -> dict[str, Any]:
@@ -258,9 +326,11 @@ def recall_study(cfg: BenchConfig, n: int, d: int = 64) -> dict[str, Any]:
                     "speedup": flat_t / t,
                 }
             )
+    memory = memory_rows(built, queries, truth, flat_t, k)
     built.clear()
     gc.collect()
     return {
+        "memory": memory,
         "items": n,
         "dim": d,
         "queries": n_q,
