@@ -33,6 +33,7 @@ from service import events, metrics
 from service.db import queries
 from service.db.models import BackfillTask, Embedding, Item, ModelVersion, Rollout, utcnow
 from worker.context import WorkerContext
+from worker.stages import timed
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,59 @@ def _fail(session: Session, ctx: WorkerContext, token: str, errors: dict[int, st
         )
 
 
+# Postgres: the live-item check and the insert in one statement, ids and vectors passed as two arrays.
+_INSERT_LIVE = sa.text(
+    """
+    WITH src AS (
+        SELECT v.item_id, v.vector
+        FROM unnest(CAST(:item_ids AS bigint[]), CAST(:vectors AS bytea[])) AS v(item_id, vector)
+        JOIN items AS i ON i.id = v.item_id AND i.deleted_at IS NULL
+    ), ins AS (
+        INSERT INTO embeddings (item_id, model_version, vector, created_at)
+        SELECT item_id, :model, vector, :now FROM src ORDER BY item_id
+        ON CONFLICT (item_id, model_version) DO NOTHING
+    )
+    SELECT item_id FROM src
+    """
+)
+
+
+def _write_live(
+    session: Session,
+    ctx: WorkerContext,
+    rollout: Rollout,
+    item_ids: list[int],
+    vectors: dict[int, np.ndarray],
+    now: dt.datetime,
+) -> list[int]:
+    """Insert the target model's vector of each of `item_ids` that is still live and was encoded (a vector
+    already there is kept: ON CONFLICT DO NOTHING); returns those item ids."""
+    todo = sorted(iid for iid in item_ids if iid in vectors)
+    if not todo:
+        return []
+    with timed(ctx.stages, "write", len(todo)):
+        if ctx.is_postgres:
+            params = {
+                "item_ids": todo,
+                "vectors": [vectors[iid].astype("<f4").tobytes() for iid in todo],
+                "model": rollout.to_version,
+                "now": now,
+            }
+            return [int(i) for i in session.scalars(_INSERT_LIVE, params).all()]
+        live = set(session.scalars(sa.select(Item.id).where(Item.id.in_(todo), Item.deleted_at.is_(None))).all())
+        payload = [
+            {"item_id": iid, "model_version": rollout.to_version, "vector": vectors[iid].astype("<f4").tobytes()}
+            for iid in todo
+            if iid in live
+        ]
+        if payload:  # executemany: one cached statement, batched by the driver ("insertmanyvalues")
+            session.execute(
+                ctx.insert(Embedding).on_conflict_do_nothing(index_elements=["item_id", "model_version"]),
+                payload,
+            )
+        return [int(cast(int, row["item_id"])) for row in payload]
+
+
 def commit_batch(
     session: Session,
     ctx: WorkerContext,
@@ -140,7 +194,8 @@ def commit_batch(
     vectors: dict[int, np.ndarray],
     errors: dict[int, str],
 ) -> BatchResult:
-    """One transaction: mark our still-held tasks done, upsert their embeddings, record failures."""
+    """One transaction: mark our still-held tasks done, insert their embeddings (`_write_live`), record
+    failures."""
     t = TASKS
     now = utcnow()
     res = BatchResult(claimed=len(claimed.tasks))
@@ -162,25 +217,8 @@ def commit_batch(
         res.lost_lease = len(claimed.tasks)
         return res
     if held:
-        live = set(
-            session.scalars(sa.select(Item.id).where(Item.id.in_(list(held.values())), Item.deleted_at.is_(None))).all()
-        )
-        payload = [
-            {
-                "item_id": iid,
-                "model_version": rollout.to_version,
-                "vector": vectors[iid].astype("<f4").tobytes(),
-            }
-            for iid in held.values()
-            if iid in live and iid in vectors
-        ]
-        if payload:  # executemany: one cached statement, batched by the driver ("insertmanyvalues")
-            session.execute(
-                ctx.insert(Embedding).on_conflict_do_nothing(index_elements=["item_id", "model_version"]),
-                payload,
-            )
-        res.embedded = [int(cast(int, p["item_id"])) for p in payload]
-        res.skipped = len(held) - len(payload)
+        res.embedded = _write_live(session, ctx, rollout, list(held.values()), vectors, now)
+        res.skipped = len(held) - len(res.embedded)
     if errors:
         _fail(session, ctx, claimed.token, errors)
         res.failed = len(errors)

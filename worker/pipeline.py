@@ -11,8 +11,8 @@ inserts embeddings ON CONFLICT DO NOTHING), with fewer round trips and less Pyth
   and a second query. It decodes with `worker.pngdecode` and fits every image to the
   target model's input spec, so the encoder thread gets one uint8 array and does nothing but run the model;
 * `encode_loaded` (the driver thread): the model over that array, one call;
-* `finish_loaded` (the committer thread): on Postgres `commit_fast` passes ids and vectors as two arrays
-  (`unnest`), one statement for the live-item check and the insert; SQLite uses `worker.backfill.commit_batch`.
+* `finish_loaded` (the committer thread): `worker.backfill.commit_batch`, which on Postgres passes ids and
+  vectors as two arrays (`unnest`): one statement for the live-item check and the insert.
 
 Every stage records into `ctx.stages` when set (see `worker.stages`).
 """
@@ -34,7 +34,6 @@ from sqlalchemy.orm import Session
 from models.artifacts import Encoder
 from models.preprocess import InputSpec, InvalidImage
 from service import events, metrics
-from service.db import queries
 from service.db.models import Item, ModelVersion, Rollout, utcnow
 from worker import backfill
 from worker.backfill import BatchResult, Claimed, Prepared
@@ -80,29 +79,6 @@ _CLAIM_LOAD = sa.text(
     )
     SELECT c.id, c.item_id, i.payload, i.deleted_at IS NOT NULL
     FROM claimed AS c LEFT JOIN items AS i ON i.id = c.item_id
-    """
-)
-
-_MARK_DONE = sa.text(
-    """
-    UPDATE backfill_tasks SET state = 'done', done_at = :now, lease_expires_at = NULL, updated_at = :now
-    WHERE id = ANY(CAST(:ids AS bigint[])) AND leased_by = :token AND state = 'leased'
-    RETURNING id, item_id
-    """
-)
-
-_INSERT_LIVE = sa.text(
-    """
-    WITH src AS (
-        SELECT v.item_id, v.vector
-        FROM unnest(CAST(:item_ids AS bigint[]), CAST(:vectors AS bytea[])) AS v(item_id, vector)
-        JOIN items AS i ON i.id = v.item_id AND i.deleted_at IS NULL
-    ), ins AS (
-        INSERT INTO embeddings (item_id, model_version, vector, created_at)
-        SELECT item_id, :model, vector, :now FROM src ORDER BY item_id
-        ON CONFLICT (item_id, model_version) DO NOTHING
-    )
-    SELECT item_id FROM src
     """
 )
 
@@ -207,55 +183,11 @@ def encode_loaded(ctx: WorkerContext, rollout: Rollout, prep: Loaded) -> dict[in
         return {}
 
 
-# --- commit ---------------------------------------------------------------------------------------------
-def commit_fast(
-    session: Session,
-    ctx: WorkerContext,
-    rollout: Rollout,
-    claimed: Claimed,
-    vectors: dict[int, np.ndarray],
-    errors: dict[int, str],
-) -> BatchResult:
-    """`worker.backfill.commit_batch` on Postgres in four round trips: mark the held tasks done, FOR SHARE on
-    the rollout row, insert the live items' embeddings (arrays, one statement), record failures; commit."""
-    now = utcnow()
-    res = BatchResult(claimed=len(claimed.tasks))
-    ok_ids = [tid for tid in claimed.tasks if tid not in errors]
-    held: dict[int, int] = {}
-    if ok_ids:
-        done: Sequence[Any] = session.execute(_MARK_DONE, {"ids": ok_ids, "token": claimed.token, "now": now}).all()
-        held = {int(a): int(b) for a, b in done}
-    res.lost_lease = len(ok_ids) - len(held)
-    status = queries.rollout_status(session, rollout.id, for_share=True)
-    if status not in ("running", "paused"):
-        session.rollback()
-        res.lost_lease = len(claimed.tasks)
-        return res
-    todo = sorted(iid for iid in held.values() if iid in vectors)
-    if todo:
-        with timed(ctx.stages, "write", len(todo)):
-            params = {
-                "item_ids": todo,
-                "vectors": [vectors[iid].astype("<f4").tobytes() for iid in todo],
-                "model": rollout.to_version,
-                "now": now,
-            }
-            written: Sequence[Any] = session.scalars(_INSERT_LIVE, params).all()
-            res.embedded = [int(i) for i in written]
-    res.skipped = len(held) - len(res.embedded)
-    if errors:
-        backfill._fail(session, ctx, claimed.token, errors)
-        res.failed = len(errors)
-    session.commit()
-    return res
-
-
 def finish_loaded(ctx: WorkerContext, rollout: Rollout, prep: Prepared, vectors: dict[int, np.ndarray]) -> BatchResult:
-    """Commit a batch (`commit_fast` on Postgres, `worker.backfill.commit_batch` elsewhere), then metrics
-    and the EMBEDDINGS event (as `worker.backfill.finish`)."""
-    commit = commit_fast if ctx.is_postgres else backfill.commit_batch
+    """Commit a batch (`worker.backfill.commit_batch`), then metrics and the EMBEDDINGS event (as
+    `worker.backfill.finish`)."""
     with ctx.sessionmaker() as s, timed(ctx.stages, "commit", len(prep.claimed.tasks)):
-        res = commit(s, ctx, rollout, prep.claimed, vectors, prep.errors)
+        res = backfill.commit_batch(s, ctx, rollout, prep.claimed, vectors, prep.errors)
     if res.embedded:
         metrics.WORKER_ITEMS_TOTAL.labels(model=rollout.to_version).inc(len(res.embedded))
         with timed(ctx.stages, "event"):

@@ -49,15 +49,15 @@ class World:
     other: int  # another rollout (aborted): nothing here may touch its tasks
     items: list[int] = field(default_factory=list)
     clock: list[dt.datetime] = field(default_factory=lambda: [T0])
-    fast: bool = False  # claim and commit through the worker's Postgres fast path (worker/pipeline.py)
+    fast: bool = False  # claim through the worker's Postgres pipeline statement (worker/pipeline.py)
 
     def tick(self, seconds: float) -> dt.datetime:
         self.clock[0] = self.clock[0] + dt.timedelta(seconds=seconds)
         return self.clock[0]
 
 
-# "pipeline": Postgres, claims and commits through the statements the worker runs there (worker/pipeline.py:
-# `claim_rows`, `commit_fast`); "postgres" and "sqlite": the reference functions of worker/backfill.py.
+# "pipeline": Postgres, claims through the statement the worker's pipeline runs there (worker/pipeline.py
+# `claim_rows`, which also reads the payloads); "postgres" and "sqlite": `worker.backfill.claim`.
 BOTH = pytest.mark.parametrize("backend", ["postgres", "pipeline", "sqlite"])
 
 
@@ -462,8 +462,7 @@ def commit(w: World, claimed: backfill.Claimed, vectors: dict[int, np.ndarray], 
     with w.maker() as s:
         rollout = s.get(Rollout, w.rollout)
         assert rollout is not None
-        commit_batch = pipeline.commit_fast if w.fast else backfill.commit_batch
-        return commit_batch(s, w.ctx, rollout, claimed, vectors, errors)
+        return backfill.commit_batch(s, w.ctx, rollout, claimed, vectors, errors)
 
 
 @pytest.mark.parametrize("status", ["running", "paused"])

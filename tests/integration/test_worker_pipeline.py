@@ -184,7 +184,7 @@ def test_a_crash_mid_batch_loses_nothing_and_commits_nothing_twice(
     driver hears of it). A restarted driver finishes: every item has exactly one v2 vector, the committed
     ones were not written again, and all vectors equal a direct embed."""
     rid = start(env, batch_size=16)
-    calls, real = itertools.count(), pipeline.commit_fast
+    calls, real = itertools.count(), backfill.commit_batch
 
     def crashing(session: Session, *args: Any) -> backfill.BatchResult:
         k = next(calls)
@@ -195,10 +195,10 @@ def test_a_crash_mid_batch_loses_nothing_and_commits_nothing_twice(
             raise Crash("killed after COMMIT")
         return res
 
-    monkeypatch.setattr(pipeline, "commit_fast", crashing)
+    monkeypatch.setattr(backfill, "commit_batch", crashing)
     with pytest.raises(Crash):
         driver.drive(env.ctx, rid)
-    monkeypatch.setattr(pipeline, "commit_fast", real)
+    monkeypatch.setattr(backfill, "commit_batch", real)
     before = v2_rows(env)
     assert len(before) == (32 if when == "before" else 48)
     counts = domain.task_counts(env.session, rid)
@@ -224,7 +224,7 @@ def test_a_commit_error_is_raised_after_the_prefetched_batch_is_given_back(
     def broken(*args: Any) -> backfill.BatchResult:
         raise Crash("commit failed")
 
-    monkeypatch.setattr(pipeline, "commit_fast", broken)
+    monkeypatch.setattr(backfill, "commit_batch", broken)
     with pytest.raises(Crash, match="commit failed"):
         driver.drive(env.ctx, rid)
     counts = domain.task_counts(env.session, rid)
