@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from service.index import IdSet, _as_ids, _as_vecs
+from service.ids import IdSet, as_ids, as_vecs
 
 ID, VEC = "id", "vec"
 MAX_TOPK = 16_384  # Milvus's limit on a search's `limit`
@@ -89,8 +89,8 @@ class MilvusIndex:
     # --- writes --------------------------------------------------------------------------------------
     def add(self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray) -> None:
         """Upsert vectors under item ids; an id already present is replaced, a repeated id keeps its last."""
-        ids_a = _as_ids(ids)
-        v = _as_vecs(vecs, self.dim)
+        ids_a = as_ids(ids)
+        v = as_vecs(vecs, self.dim)
         if ids_a.shape[0] != v.shape[0]:
             raise ValueError("ids and vectors differ in length")
         if ids_a.size == 0:
@@ -110,7 +110,7 @@ class MilvusIndex:
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Delete item ids (absent ones are ignored); returns how many were present."""
-        gone = self._ids.discard(_as_ids(ids))
+        gone = self._ids.discard(as_ids(ids))
         if gone.size:
             self.client.delete(self.collection, ids=gone.tolist())
             self._wrote(gone.size)
@@ -125,7 +125,7 @@ class MilvusIndex:
     # --- reads ---------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(M, dim) queries -> (M, k) squared-L2 distances and item ids, -1 / +inf where fewer exist."""
-        q = _as_vecs(queries, self.dim)
+        q = as_vecs(queries, self.dim)
         m = q.shape[0]
         out_d = np.full((m, k), np.inf, dtype=np.float32)
         out_i = np.full((m, k), -1, dtype=np.int64)

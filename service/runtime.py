@@ -28,7 +28,8 @@ from service import errors
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker, queries
 from service.db.models import ModelVersion
-from service.index import ExternalIds, IndexManager, IndexSet, Layout
+from service.ids import ExternalIds
+from service.index import IndexManager, IndexSet, Layout
 from service.index_backend import space_maker
 from service.ingest import Follower
 from service.merge import Hit, merge_topk

@@ -329,9 +329,19 @@ def test_every_read_needs_an_api_key_when_keys_are_set(sec_settings: Settings) -
             assert c.get(probe).status_code == 200
 
 
-def test_readiness_and_models_publish_no_internals(client: TestClient) -> None:
+class OperationalError(Exception):
+    """Stands for the driver's error: its text carries a host and SQL."""
+
+
+def test_readiness_and_models_publish_no_internals(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     follower = client.app.state.runtime.follower  # type: ignore[attr-defined]
-    follower.last_error = "OperationalError: connection to server at 10.9.8.7 port 5432 failed: SELECT secret_col"
+
+    def failing_cycle() -> None:
+        raise OperationalError("connection to server at 10.9.8.7 port 5432 failed: SELECT secret_col")
+
+    # The follower's own loop records the failure (it clears it again after the next good cycle).
+    monkeypatch.setattr(follower, "sync_once", failing_cycle)
+    assert follower.sync_and_wait(10) and follower.last_error is not None
     body = client.get("/readyz").json()
     assert body["ingestion"] == "error: OperationalError"
     assert "10.9.8.7" not in str(body) and "secret_col" not in str(body)

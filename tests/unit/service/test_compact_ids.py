@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.index import ExternalIds, IdSet
+from service.ids import ExternalIds, IdSet
 
 ops = st.lists(st.tuples(st.sampled_from(["add", "discard"]), st.lists(st.integers(0, 5000), max_size=20)), max_size=30)
 
