@@ -6,6 +6,10 @@ alone to NEW changes its distance to every query q to ||v2(q) - v2_j||^2 (ties: 
 benefit* is the resulting change in total AP@k over all queries, computed exactly: per query only the items
 in its OLD top-k, or whose NEW distance beats its k-th OLD distance, can change its top-k.
 
+The same from any backfill state (`in_new`): the merged list then holds NEW's distances for the items
+already moved. The order net's targets (models/order.py) average it over several states, since the curve's
+AUC integrates what each move is worth at the moment it is made, not only at fraction 0.
+
 It needs labels (relevance), so it is a reference, never a plan: it ranks items by what they are worth to
 the merged ranking (not by their forward error, which is what `oracle` and sigma measure), and its tail
 holds items whose move lowers AP, so a curve in this order can dip at the end (not flip-safe).
@@ -17,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.evaluate import K, search_subset
+from models.evaluate import K
 
 
 def _ap(rel: np.ndarray) -> np.ndarray:
@@ -60,33 +64,44 @@ def merge_benefit(
     labels: np.ndarray,
     calibrate: Callable[[np.ndarray], np.ndarray],
     k: int = K,
+    in_new: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per item (gallery = queries, leave-one-out) the change in total AP@k when it alone moves to NEW.
+    """Per item (gallery = queries, leave-one-out) the change in total AP@k when it alone moves to NEW, from
+    the backfill state `in_new` (a boolean mask of the items already in NEW; None: none are). Items already
+    in NEW have no benefit: NaN.
 
-    Per query: items in its OLD top-k move within (or out of) the list; any other item enters at the
+    Per query the merged distances are NEW's for items in NEW and the calibrated forward distance for the
+    rest; items in its merged top-k+1 move within (or out of) the list, any other OLD item enters at the
     position its NEW distance earns (ties: NEW first) when that is inside the top k."""
     n = len(labels)
     lab = np.asarray(labels)
-    qids = np.arange(n, dtype=np.int64)
-    d_old, i_old = search_subset(h_old, qids, new, k + 1, qids)
-    d_old = np.where(i_old >= 0, calibrate(d_old), np.inf)
-    sq = (new.astype(np.float64) ** 2).sum(1)
+    moved = np.zeros(n, bool) if in_new is None else np.asarray(in_new, dtype=bool)
+    new64, h64 = new.astype(np.float64), h_old.astype(np.float64)
+    sq_new, sq_h = (new64**2).sum(1), (h64**2).sum(1)
     benefit = np.zeros(n)
     for q in range(n):
-        d_new = np.maximum(sq + sq[q] - 2.0 * (new @ new[q]), 0.0).astype(np.float32)
-        d_new[q] = np.inf  # a query never retrieves itself
-        rel_old = (i_old[q] >= 0) & (lab[np.maximum(i_old[q], 0)] == lab[q])
-        base = _ap(rel_old[None, :k])[0]
-        listed = i_old[q][i_old[q] >= 0]
-        # in the list (the k+1-th item may move up)
-        pos = np.arange(len(listed))
-        benefit[listed] += _query_benefit(d_old[q], rel_old, pos, d_new[listed], lab[listed] == lab[q], k)
-        # outside it: enters at the NEW distance's rank among the top-k OLD distances
-        outside = np.ones(n, bool)
-        outside[listed] = False
+        d_new = np.maximum(sq_new + sq_new[q] - 2.0 * (new64 @ new64[q]), 0.0).astype(np.float32)
+        d_h = np.maximum(sq_h + sq_new[q] - 2.0 * (h64 @ new64[q]), 0.0).astype(np.float32)
+        merged = np.where(moved, d_new, calibrate(d_h)).astype(np.float32)
+        d_new[q] = merged[q] = np.inf  # a query never retrieves itself
+        top = np.argpartition(merged, k)[: k + 1] if n > k + 1 else np.arange(n)
+        top = top[np.argsort(merged[top], kind="stable")]
+        top = top[top != q][: k + 1]
+        pad = k + 1 - top.size  # a gallery of k + 1 items or fewer: the list ends early (+inf, irrelevant)
+        d_list = np.concatenate([merged[top], np.full(pad, np.inf, np.float32)])
+        rel = np.concatenate([lab[top] == lab[q], np.zeros(pad, bool)])
+        # OLD items in the list (the k+1-th may move up)
+        pos = np.nonzero(~moved[top])[0]
+        if pos.size:
+            j = top[pos]
+            benefit[j] += _query_benefit(d_list, rel, pos, d_new[j], lab[j] == lab[q], k)
+        # OLD items outside it: enter at the NEW distance's rank among the top-k merged distances
+        outside = ~moved
+        outside[top] = False
         outside[q] = False
-        enter = np.nonzero(outside & (d_new <= d_old[q, k - 1]))[0]
+        enter = np.nonzero(outside & (d_new <= d_list[k - 1]))[0]
         if enter.size:
-            at = np.searchsorted(d_old[q, :k], d_new[enter], side="left")
-            benefit[enter] += _insert_table(rel_old, k)[(lab[enter] == lab[q]).astype(int), at] - base
+            at = np.searchsorted(d_list[:k], d_new[enter], side="left")
+            benefit[enter] += _insert_table(rel, k)[(lab[enter] == lab[q]).astype(int), at] - _ap(rel[None, :k])[0]
+    benefit[moved] = np.nan
     return benefit

@@ -46,10 +46,12 @@ class CompatConfig:
     w_psi_in_sigma: float = 0.0  # adds psi's per-item alignment error (frozen psi) to L_i when > 0
     calib_knots: int = 64
     # the order net (models/order.py): merge benefits of the last `order_rows` fit rows, in galleries of
-    # `order_chunk`, each scored item averaging its `order_k` nearest; 0 rows = no order net (sigma orders)
+    # `order_chunk` and averaged over `order_states` backfill states, each scored item averaging its `order_k`
+    # nearest; 0 rows = no order net (sigma orders)
     order_rows: int = 20000
     order_chunk: int = 5000
     order_k: int = 10
+    order_states: int = 4
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

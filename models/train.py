@@ -269,7 +269,9 @@ def fit_pack_order(
 
     if cfg.order_rows <= 0:
         return None, None
-    ocfg = OrderConfig(rows=cfg.order_rows, chunk=cfg.order_chunk, k=cfg.order_k, seed=cfg.seed)
+    ocfg = OrderConfig(
+        rows=cfg.order_rows, chunk=cfg.order_chunk, k=cfg.order_k, states=cfg.order_states, seed=cfg.seed
+    )
     return fit_order(
         old, new, labels, lambda v: C.apply(h, v), lambda d: apply_calibration(calibration.get("forward"), d), ocfg
     )

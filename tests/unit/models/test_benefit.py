@@ -48,6 +48,25 @@ def test_benefit_equals_the_merge_with_one_item_moved(toy: dict[str, np.ndarray]
     assert (ben > 0).any() and (ben < 0).any()  # some moves help, some hurt
 
 
+@pytest.mark.parametrize("n", [120, 9])  # 9 <= k + 1: every list ends early
+def test_benefit_from_a_backfill_state_equals_the_merge_with_one_more_item_moved(
+    toy: dict[str, np.ndarray], n: int
+) -> None:
+    """From a state with a third of the items in NEW: n * (mAP with item j moved too - mAP of the state)."""
+    k = 15
+    lab, new, h_old = toy["labels"][:n], toy["new"][:n], toy["h_old"][:n]
+    ev = E.Evaluator(lab, new, {"forward": E.Space(h_old, new, _cal)}, k)
+    state = np.random.default_rng(3).random(n) < 1 / 3
+    ben = merge_benefit(new, h_old, lab, _cal, k, in_new=state)
+    assert np.isnan(ben[state]).all() and not np.isnan(ben[~state]).any()
+    base = E.ranked_metrics(ev.ranked(state, "forward"), lab, k)[0]
+    for j in np.nonzero(~state)[0][:: 3 if n > 20 else 1]:
+        mask = state.copy()
+        mask[j] = True
+        moved = E.ranked_metrics(ev.ranked(mask, "forward"), lab, k)[0]
+        assert ben[j] == pytest.approx(n * (moved - base), abs=1e-6)
+
+
 def test_order_scorer_is_the_mean_of_its_nearest_targets(tmp_path: Path, toy: dict[str, np.ndarray]) -> None:
     def forward(v: np.ndarray) -> np.ndarray:
         return toy["h_old"][: len(v)]  # rows are taken in order: h of the first rows
