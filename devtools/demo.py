@@ -225,6 +225,10 @@ def _stack_env(settings: Settings, data_dir: Path, old: str = "v1") -> dict[str,
         BACKFILL_MAX_K="128",  # leave-one-out needs k + 1
         BACKFILL_TRAIN_SAMPLE=str(settings.train_sample),
     )
+    if settings.index_backend != "faiss":  # the demo on another index backend (issue 19)
+        env["BACKFILL_INDEX_BACKEND"] = settings.index_backend
+        if settings.milvus_uri:
+            env["BACKFILL_MILVUS_URI"] = settings.milvus_uri
     if settings.database_url:
         env["BACKFILL_DATABASE_URL"] = settings.database_url
     if settings.redis_url:

@@ -68,13 +68,19 @@ class Settings(BaseSettings):
     use_gpu: bool = Field(True, description="Use faiss-gpu / CUDA when present.")
     index_backend: Literal["faiss", "milvus"] = Field(
         "faiss",
-        description="Where OLD and NEW live: `faiss` (in-process) or `milvus` (a collection per space, exact "
-        "FLAT/L2; needs the `milvus` extra).",
+        description="Where OLD and NEW live: `faiss` (in-process) or `milvus` (a collection per space shared by "
+        "every API process, exact FLAT/L2, one writer; needs the `milvus` extra).",
     )
     milvus_uri: str | None = Field(
         None,
-        description="Milvus to use with the `milvus` backend: a server URI (http://host:19530) or a milvus-lite "
-        "file (one process only). Default: data_dir/milvus.db (milvus-lite).",
+        description="Milvus to use with the `milvus` backend: a server URI (http://host:19530; `python -m "
+        "milvus_lite server` serves one) or a milvus-lite file (one process only). Default: data_dir/milvus.db.",
+    )
+    milvus_reconcile_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="With the `milvus` backend: seconds between two reconciliations of the shared collections "
+        "with Postgres by the index writer (also run when a writer starts and on every layout change).",
     )
     max_k: int = Field(100, ge=1, le=10_000, description="Largest k a search may ask for.")
     max_batch_queries: int = Field(256, ge=1, description="Largest /search/batch.")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +41,7 @@ import numpy as np
 
 from service.ids import ExternalIds, IdSet, as_ids, as_vecs
 from service.index_backend import SpaceIndex
-from service.rescore import ItemVectors, rescore
+from service.rescore import ItemVectors, rescore, rescore_vectors
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +397,8 @@ class IndexSet:
     # (service/rescore.py); None on the other paths, or with re-scoring off.
     rescore_vectors: ItemVectors | None = None
     rescore_depth: int = 0
+    # The shared (milvus) index instead: h applied per query to the v1 vectors OLD's search returns.
+    rescore_h: Callable[[np.ndarray], np.ndarray] | None = None
     lock: RWLock = field(default_factory=RWLock)
 
     def sides(self) -> dict[str, int]:
@@ -478,16 +480,27 @@ class IndexSet:
             old_hits = None
             if self.old is not None and q_old is not None:
                 if self.rescores and q_new is not None:
-                    _, cand = self.old.search(q_old, self.rescore_depth * k)
-                    old_hits = rescore(q_new, cand, self.rescore_vectors, k)  # type: ignore[arg-type]
+                    old_hits = self._rescored(q_new, q_old, k)
                 else:
                     old_hits = self.old.search(q_old, k)
             return new_hits, old_hits
 
+    def _rescored(self, q_new: np.ndarray, q_old: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self.old is not None
+        depth = self.rescore_depth * k
+        if self.rescore_vectors is not None:
+            _, cand = self.old.search(q_old, depth)
+            return rescore(q_new, cand, self.rescore_vectors, k)
+        assert self.rescore_h is not None
+        _, cand, v1 = self.old.search_vectors(q_old, depth)  # type: ignore[attr-defined]
+        m, c, d = v1.shape
+        h = self.rescore_h(v1.reshape(m * c, d)).reshape(m, c, -1)
+        return rescore_vectors(q_new, cand, h, cand >= 0, k)
+
     @property
     def rescores(self) -> bool:
         """OLD's hits are re-scored in the new space (their distances are forward-path distances)."""
-        return self.rescore_vectors is not None and self.rescore_depth > 0
+        return (self.rescore_vectors is not None or self.rescore_h is not None) and self.rescore_depth > 0
 
 
 class IndexManager:

@@ -6,8 +6,10 @@ holds it (setting ``BACKFILL_INDEX_BACKEND``).
   ``BACKFILL_MILVUS_URI`` (a milvus-lite file, the default, or a Milvus server's URI).
 
 Both keep item ids as the engine's ids and return squared-L2 distances, so the merge and its calibration
-are the same on either. Either is rebuilt from Postgres when the layout changes (service/ingest.py):
-Postgres stays the only source of truth.
+are the same on either. FAISS is rebuilt from Postgres by every process when the layout changes; the Milvus
+collections are shared by every process and survive restarts: one writer applies the embeddings table to
+them and reconciles them with Postgres (service/ingest.py, service/index_writer.py). Postgres stays the
+only source of truth.
 """
 
 from __future__ import annotations
@@ -55,6 +57,6 @@ def space_maker(settings: Settings) -> SpaceMaker | None:
     the FAISS settings, exactly as before the boundary existed)."""
     if settings.index_backend == "faiss":
         return None
-    from service.milvus_index import MilvusSpaces
+    from service.milvus_index import SharedSpaces
 
-    return MilvusSpaces(settings.milvus_uri or str(settings.data_dir / "milvus.db"))
+    return SharedSpaces(settings.milvus_uri or str(settings.data_dir / "milvus.db"))

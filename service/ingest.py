@@ -11,6 +11,14 @@ complete pass.
 
 Deletes: `items.deleted_seq` is `max(deleted_seq) + 1` at delete time; the cursor re-reads a window of
 `DELETE_LOOKBACK` below its delete watermark each cycle so concurrent deletes cannot slip past.
+
+The shared index (milvus backend, `SharedSpaces`): the follower holding the writer lease
+(service/index_writer.py) applies rows to the shared collections; its "rebuild" is a reconciliation of the
+collections with Postgres (at its start, on a layout change, every `reconcile_seconds`): the same full read
+of the table, writing only what the collections lack or hold otherwise, then deleting what they hold and
+Postgres does not put there, then stamping the layout on them (`backfill_index_reconcile_repairs_total`).
+Every other follower is a reader: it reads ids only (never a vector) to know each side's members and the
+external ids, and swaps to a layout only once the writer has stamped it on its collections.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -34,7 +43,16 @@ from service.cursor import Cursor, Horizon, horizon_for
 from service.db.models import Embedding, Item, ModelVersion, Rollout
 from service.index import IndexManager, IndexSet, Layout, VectorIndex
 from service.index_backend import SpaceIndex, SpaceMaker
-from service.metrics import INDEX_VECTORS, INGESTED_TOTAL, INGESTION_LAG_SECONDS, SERVING_INFO
+from service.index_writer import WriterLease
+from service.metrics import (
+    INDEX_RECONCILE_REPAIRS,
+    INDEX_RECONCILED_TIMESTAMP,
+    INDEX_VECTORS,
+    INDEX_WRITER,
+    INGESTED_TOTAL,
+    INGESTION_LAG_SECONDS,
+    SERVING_INFO,
+)
 from service.rescore import ItemVectors
 
 log = logging.getLogger(__name__)
@@ -60,6 +78,15 @@ def read_layout(session: Session) -> Layout:
     return Layout(serving=serving, rollout_id=int(rid), from_model=src, to_model=dst, mode=mode)
 
 
+def layout_key(layout: Layout) -> str:
+    """The stamp a reconciled shared collection carries (service/milvus_index.py)."""
+    return f"{layout.serving}|{layout.rollout_id}|{layout.from_model}|{layout.to_model}|{layout.mode}"
+
+
+def spaces_of(layout: Layout) -> list[str]:
+    return [str(sp) for sp in (layout.new_space, layout.old_space) if sp is not None]
+
+
 class Follower:
     """Keeps `manager.current` in step with the database; one background thread plus a pub/sub thread."""
 
@@ -77,6 +104,7 @@ class Follower:
         r: redis.Redis | None = None,
         on_cycle: Callable[[Session], None] | None = None,
         make_space: SpaceMaker | None = None,
+        reconcile_seconds: float = 300.0,
     ) -> None:
         self.sm = sm
         self._serving_labels: list[tuple[str, str, str]] = []
@@ -87,6 +115,12 @@ class Follower:
         # Another index backend's maker (service/index_backend.py); None: FAISS `VectorIndex` from the above.
         self.make_space = make_space
         self._retired: IndexSet | None = None  # that backend's previous layout, released one swap later
+        # The shared index (SharedSpaces): who writes it, and when the writer reconciles it next.
+        shared = bool(getattr(make_space, "shared", False))
+        self._lease = WriterLease(sm.kw["bind"], getattr(make_space, "prefix", "")) if shared else None
+        self._writer: bool | None = None
+        self.reconcile_seconds = reconcile_seconds
+        self._next_reconcile = 0.0
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.forward = forward  # (from, to, old vectors) -> h(old vectors)
@@ -125,6 +159,8 @@ class Follower:
             self._retired = None
             with contextlib.suppress(Exception):  # the engine's client (a milvus-lite server: stopped)
                 getattr(self.make_space, "close", lambda: None)()
+        if self._lease is not None:
+            self._lease.release()
 
     def wake(self) -> None:
         self._wake.set()
@@ -184,15 +220,55 @@ class Follower:
                 self.on_cycle(s)
             layout = read_layout(s)
         current = self.manager.current
-        if current is None or current.layout != layout:
+        if self._lease is not None:
+            if not self._sync_shared(current, layout):
+                return  # a reader whose first layout the writer has not reconciled yet: not ready
+        elif current is None or current.layout != layout:
             self.rebuild(layout)
         else:
             self._catch_up(current, self.cursor, metrics=True)
         self.ready.set()
         self._export_metrics()
 
-    def rebuild(self, layout: Layout) -> IndexSet:
-        """Build a fresh IndexSet for `layout` from the embeddings table, then swap it in."""
+    def _sync_shared(self, current: IndexSet | None, layout: Layout) -> bool:
+        """One cycle on the shared index; False while this process has nothing truthful to serve."""
+        assert self._lease is not None and self.make_space is not None
+        writer = self._lease.held()
+        changed = writer != self._writer
+        self._writer = writer
+        self.make_space.writes = writer  # type: ignore[attr-defined]
+        INDEX_WRITER.set(1 if writer else 0)
+        if writer:
+            reason = None
+            if current is None or changed:
+                reason = "start"
+            elif current.layout != layout:
+                reason = "layout"
+            elif time.monotonic() >= self._next_reconcile:
+                reason = "periodic"
+            if reason is None and current is not None:
+                self._catch_up(current, self.cursor, metrics=True)
+            else:
+                self.rebuild(layout, reconcile=reason)
+            return True
+        if current is not None and changed:  # the lease was lost: never write again through these sides
+            for side in (current.new, current.old):
+                if side is not None:
+                    side.writes = False  # type: ignore[attr-defined]
+        if current is not None and current.layout == layout:
+            self._catch_up(current, self.cursor, metrics=True)
+            return True
+        key = layout_key(layout)
+        if all(self.make_space.stamped(sp) == key for sp in spaces_of(layout)):  # type: ignore[attr-defined]
+            self.rebuild(layout)
+            return True
+        if current is not None:  # the writer has not reconciled the new layout yet: serve the previous one
+            self._catch_up(current, self.cursor, metrics=True)
+        return current is not None
+
+    def rebuild(self, layout: Layout, reconcile: str | None = None) -> IndexSet:
+        """Build a fresh IndexSet for `layout` from the embeddings table, then swap it in. `reconcile` (the
+        shared index's writer: why) makes it a reconciliation of the shared collections instead."""
         t0 = time.monotonic()
         cursor = Cursor()
         with self.sm() as s:
@@ -206,17 +282,27 @@ class Follower:
             old = self._new_space(old_dim, str(layout.old_space))
         ix = IndexSet(layout=layout, new=new, old=old)
         if layout.mode == "reverse" and RESCORE_DEPTH > 0:  # h(v1) per OLD item: see service/rescore.py
-            ix.rescore_vectors, ix.rescore_depth = ItemVectors(dims[str(layout.to_model)]), RESCORE_DEPTH
+            ix.rescore_depth = RESCORE_DEPTH
+            if self._lease is not None:  # no per-process vectors: h on the candidates' v1 at query time
+                ix.rescore_h = partial(self.forward, str(layout.from_model), str(layout.to_model))
+            else:
+                ix.rescore_vectors = ItemVectors(dims[str(layout.to_model)])
         try:
+            if reconcile is not None:
+                for side in (new, old):
+                    if side is not None:
+                        side.begin_reconcile()  # type: ignore[attr-defined]
             self._catch_up(ix, cursor, metrics=False)
+            if reconcile is not None:
+                self._finish_reconcile(ix, reconcile)
         except BaseException:
             if self.make_space is not None:  # never swapped in: nobody else holds it
                 self._release(ix)
             raise
         previous = self.manager.swap(ix)
         self.cursor = cursor
-        if self.make_space is not None:  # a query may still hold `previous`: release the one before it
-            self._release(self._retired)
+        if self.make_space is not None and self._lease is None:  # per-process collections: a query may still
+            self._release(self._retired)  # hold `previous`, so drop the one before it (shared ones stay)
             self._retired = previous
         # Zero the previous labels rather than clearing them: with several uvicorn processes (multiprocess
         # mode) a cleared series would keep its last value in the other processes' files.
@@ -236,6 +322,23 @@ class Follower:
             previous.layout if previous else None,
         )
         return ix
+
+    def _finish_reconcile(self, ix: IndexSet, reason: str) -> None:
+        """Deletes after every insert, then the layout's stamp; the repairs counted by side and action."""
+        for name, side in (("new", ix.new), ("old", ix.old)):
+            if side is None:
+                continue
+            repairs = side.finish_reconcile()  # type: ignore[attr-defined]
+            for action, n in repairs.items():
+                if n:
+                    INDEX_RECONCILE_REPAIRS.labels(side=name, action=action, reason=reason).inc(n)
+            if any(repairs.values()):
+                log.warning("index reconciliation (%s) repaired %s side: %s", reason, name, repairs)
+        for side in (ix.new, ix.old):
+            if side is not None:
+                side.stamp(layout_key(ix.layout))  # type: ignore[attr-defined]
+        self._next_reconcile = time.monotonic() + self.reconcile_seconds
+        INDEX_RECONCILED_TIMESTAMP.set(time.time())
 
     def _new_space(self, dim: int, space: str) -> SpaceIndex:
         if self.make_space is not None:
@@ -273,12 +376,14 @@ class Follower:
     def _ingest_batch(self, ix: IndexSet, cursor: Cursor, where: Any, metrics: bool) -> tuple[int, int]:
         """Apply one page of rows matching `where`; returns (rows fetched, the last seq fetched)."""
         layout = ix.layout
+        # A reader of the shared index keeps ids, never vectors: it does not even read them.
+        reads = all(getattr(side, "writes", True) for side in (ix.new, ix.old) if side is not None)
         stmt = (
             sa.select(
                 Embedding.seq,
                 Embedding.item_id,
                 Embedding.model_version,
-                Embedding.vector,
+                Embedding.vector if reads else sa.null().label("vector"),
                 Embedding.created_at,
                 Item.external_id,
                 Item.deleted_at,
@@ -310,8 +415,8 @@ class Follower:
                 dim = ix.old.dim if layout.mode != "forward" else -1
             else:
                 continue
-            v = np.frombuffer(r.vector, dtype="<f4")
-            if dim >= 0 and v.shape[0] != dim:
+            v = np.frombuffer(r.vector, dtype="<f4") if reads else np.zeros(0, np.float32)
+            if reads and dim >= 0 and v.shape[0] != dim:
                 log.error("embedding seq %s has %d values, expected %d; skipped", r.seq, v.shape[0], dim)
                 continue
             self.manager.external_ids[int(r.item_id)] = r.external_id
@@ -320,11 +425,11 @@ class Follower:
             newest = r.created_at if newest is None or r.created_at > newest else newest
         to_new = to_old = None
         old_rescore = None
-        if new_ids:
-            to_new = (np.asarray(new_ids, np.int64), np.stack(new_vecs).astype(np.float32))
-        if old_ids:
-            ov = np.stack(old_vecs).astype(np.float32)
-            if layout.mode == "forward":
+        if new_ids and ix.new is not None:
+            to_new = (np.asarray(new_ids, np.int64), _stack(new_vecs, ix.new.dim, reads))
+        if old_ids and ix.old is not None:
+            ov = _stack(old_vecs, ix.old.dim, reads)
+            if layout.mode == "forward" and reads:
                 ov = self.forward(str(layout.from_model), str(layout.to_model), ov)
             to_old = (np.asarray(old_ids, np.int64), ov)
             if ix.rescore_vectors is not None:
@@ -364,3 +469,8 @@ class Follower:
         sides = ix.sides()
         INDEX_VECTORS.labels(side="new").set(sides["new"])
         INDEX_VECTORS.labels(side="old").set(sides["old"])
+
+
+def _stack(vecs: list[np.ndarray], dim: int, reads: bool) -> np.ndarray:
+    """A batch's vectors; zeros of the side's width for a reader of the shared index (it writes none)."""
+    return np.stack(vecs).astype(np.float32) if reads else np.zeros((len(vecs), dim), np.float32)

@@ -65,6 +65,23 @@ PREDICTED_MARGIN = Gauge(
     multiprocess_mode="livemin",
 )
 INGESTED_TOTAL = Counter("backfill_ingested_embeddings_total", "Embeddings moved into an index.", ["side"])
+INDEX_RECONCILE_REPAIRS = Counter(
+    "backfill_index_reconcile_repairs_total",
+    "Rows the shared index's writer changed when reconciling a collection with Postgres (milvus backend), by "
+    "side (old, new), action (inserted, replaced, deleted) and reason (start: a writer took over, e.g. after a "
+    "crash; layout: a rollout started, changed path or ended; periodic: drift found by the periodic check).",
+    ["side", "action", "reason"],
+)
+INDEX_RECONCILED_TIMESTAMP = Gauge(
+    "backfill_index_reconciled_timestamp_seconds",
+    "When the shared index's writer last finished reconciling it with Postgres (unix time; milvus backend).",
+    multiprocess_mode="livemax",
+)
+INDEX_WRITER = Gauge(
+    "backfill_index_writer",
+    "1 in the process that writes the shared index (milvus backend), 0 in the processes that only search it.",
+    multiprocess_mode="livesum",
+)
 SERVING_INFO = Gauge(
     "backfill_serving_info",
     "1 for the serving model and the rollout in progress (rollout_id='none' outside a rollout).",

@@ -6,7 +6,9 @@ top `depth * k` OLD candidates are re-ranked by ||v2(q) - h(v1)||^2, the forward
 kept per item beside the OLD index (computed once when the item enters OLD, never on the query path). The
 query still costs one encoder pass; the extra work is a gather of `depth * k` rows and their distances.
 
-`ItemVectors` is that per-item store: item id -> one vector, add (replace) / remove / take.
+`ItemVectors` is that per-item store: item id -> one vector, add (replace) / remove / take. The shared
+Milvus index keeps no per-process vectors: its search returns the candidates' v1 vectors and h runs on them
+per query (`rescore_vectors`; service/index.py `IndexSet.rescore_h`).
 """
 
 from __future__ import annotations
@@ -91,8 +93,16 @@ def rescore(queries: np.ndarray, cand_ids: np.ndarray, store: ItemVectors, k: in
     """(M, d) query vectors and (M, c) candidate ids (-1 = empty) -> the k candidates nearest each query by
     squared L2 to their stored vectors: (M, k) distances (inf where empty) and ids (-1 there), ascending.
     A candidate the store does not hold is dropped (it cannot be ranked in this space)."""
-    q = np.asarray(queries, dtype=np.float32)
     vecs, held = store.take(cand_ids)
+    return rescore_vectors(queries, cand_ids, vecs, held, k)
+
+
+def rescore_vectors(
+    queries: np.ndarray, cand_ids: np.ndarray, vecs: np.ndarray, held: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`rescore` with the candidates' vectors given ((M, c, d), `held` False where there is none): the shared
+    index's reverse path computes h on the v1 vectors its search returned instead of keeping h(v1) per item."""
+    q = np.asarray(queries, dtype=np.float32)
     diff = vecs - q[:, None, :]
     d = np.einsum("mcd,mcd->mc", diff, diff)
     d = np.where(held & (cand_ids >= 0), d, np.inf).astype(np.float32)

@@ -137,6 +137,7 @@ class Runtime:
             r=self.redis,
             on_cycle=self.refresh_models,
             make_space=space_maker(self.settings),
+            reconcile_seconds=self.settings.milvus_reconcile_seconds,
         )
         if follow:
             self.follower.start()

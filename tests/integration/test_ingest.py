@@ -1,10 +1,17 @@
 """The ingestion follower on real Postgres + Redis (and SQLite where the database matters): out-of-order
 commits, holes of any size, long transactions, deletes, and invariant 1 while items move from OLD to NEW
-under concurrent searches."""
+under concurrent searches.
+
+With BACKFILL_INDEX_BACKEND=milvus in the environment every follower of these tests runs on the shared
+Milvus index instead (a milvus-lite file and collections of its own, the follower their writer), and
+`indexed` also checks that the collection itself holds what the follower says."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -87,7 +94,21 @@ def to_new_space(src: str, dst: str, v: np.ndarray) -> np.ndarray:
     return np.pad(v, ((0, 0), (0, D2 - D1)))
 
 
-def follower(sm: sessionmaker[Session], **kw: object) -> tuple[Follower, IndexManager]:
+BACKEND = os.environ.get("BACKFILL_INDEX_BACKEND", "faiss")
+
+
+def shared_spaces() -> object:
+    """The milvus backend's maker on a milvus-lite file and collection prefix of its own."""
+    from service.milvus_index import SharedSpaces
+
+    folder = Path(tempfile.mkdtemp(prefix="backfill-milvus-"))
+    return SharedSpaces(str(folder / "milvus.db"), prefix=f"t{uuid.uuid4().hex[:10]}")
+
+
+def follower(sm: sessionmaker[Session], backend: str = BACKEND, **kw: object) -> tuple[Follower, IndexManager]:
+    """A follower on `backend` (the environment's BACKFILL_INDEX_BACKEND by default; `make_space` wins)."""
+    if backend == "milvus" and "make_space" not in kw:
+        kw["make_space"] = shared_spaces()
     manager = IndexManager()
     f = Follower(
         sm,
@@ -164,7 +185,10 @@ def _holds_in_new(ix: IndexSet, n: int) -> bool:
 def indexed(manager: IndexManager) -> set[int]:
     ix = manager.current
     assert ix is not None and ix.new is not None
-    return ix.new.ids()
+    held = ix.new.ids()
+    if getattr(ix.new, "shared", False):  # the engine itself holds exactly what the follower says
+        assert set(ix.new.engine_ids().tolist()) == held  # type: ignore[attr-defined]
+    return held
 
 
 def test_a_fresh_follower_reads_past_any_number_of_holes(any_sm: sessionmaker[Session]) -> None:

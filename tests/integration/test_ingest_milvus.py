@@ -63,7 +63,7 @@ def test_milvus_follower_matches_faiss_follower(sm: sessionmaker[Session], tmp_p
         s.commit()
     spaces = MilvusSpaces(str(tmp_path / "milvus.db"))
     fm, manager_m = follower(sm, batch_size=40, make_space=spaces)
-    ff, manager_f = follower(sm, batch_size=40)
+    ff, manager_f = follower(sm, backend="faiss", batch_size=40)
     for f in (fm, ff):
         f.sync_once()
     first = manager_m.current

@@ -19,7 +19,7 @@ from service.config import Settings, SettingsError, check_startup
 from service.index import IndexSet, Layout, VectorIndex
 from service.index_backend import space_maker
 from service.merge import merge_topk
-from service.milvus_index import MilvusIndex, MilvusSpaces
+from service.milvus_index import MilvusIndex, MilvusSpaces, SharedSpaces, collection_name
 from service.rescore import ItemVectors
 
 TOL = 1e-4  # float32 squared distances of unit-scale vectors, computed by two engines
@@ -186,7 +186,7 @@ def test_the_setting_picks_the_backend(tmp_path: Path) -> None:
     assert space_maker(Settings(data_dir=tmp_path)) is None  # FAISS: the follower's own VectorIndex
     chosen = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path, index_backend="milvus")
     made = space_maker(chosen)
-    assert isinstance(made, MilvusSpaces) and made.uri == str(tmp_path / "data" / "milvus.db")
+    assert isinstance(made, SharedSpaces) and made.uri == str(tmp_path / "data" / "milvus.db")
     made.close()
     check_startup(chosen)
     with pytest.raises(SettingsError, match="BACKFILL_INDEX_FACTORY='IVF64,Flat'"):
@@ -246,3 +246,60 @@ def test_a_failed_delete_from_old_leaves_the_moved_item_in_new(spaces: MilvusSpa
         s.apply(to_new=(ids[:3], _vecs(rng, 3, 12)))
     assert _engine_ids(s.new) == {1, 2, 3}
     s.new.close()
+
+
+def test_shared_collections_outlive_their_side_and_refuse_another_space(spaces: MilvusSpaces) -> None:
+    """A shared side opens the space's stable collection (what a previous writer left is still there), a
+    reader's side writes nothing, closing drops nothing, and a collection stamped with another space is
+    refused."""
+    shared = SharedSpaces.__new__(SharedSpaces)  # the module's milvus-lite: one server per file
+    shared.uri, shared.prefix, shared.client, shared.writes = spaces.uri, "shared_t", spaces.client, True
+    rng = np.random.default_rng(8)
+    vecs = _vecs(rng, 20, 6)
+    first = shared(6, "v1")
+    first.add(np.arange(20), vecs)
+    first.stamp("layout-a")
+    first.close()
+    assert shared.stamped("v1") == "layout-a" and shared.stamped("v9") is None
+    shared.writes = False
+    reader = shared(6, "v1")
+    assert reader.collection == first.collection == collection_name("shared_t", "v1") and len(reader) == 0
+    reader.add(np.arange(20, 25), _vecs(rng, 5, 6))  # a reader: its bitmap only
+    assert len(reader) == 5 and set(reader.engine_ids().tolist()) == set(range(20))
+    fx = VectorIndex(6, space="v1")
+    fx.add(np.arange(20), vecs)
+    assert_same_hits(reader.search(vecs[:4], 7), fx.search(vecs[:4], 7))  # the engine's hits, not the bitmap's
+    d, i, v = reader.search_vectors(vecs[:4], 3)
+    assert_same_hits((d, i), fx.search(vecs[:4], 3))
+    np.testing.assert_array_equal(v, vecs[i])  # each hit's stored vector
+    assert collection_name("p", "v1->v2") != collection_name("p", "v1__v2")
+    spaces.client.create_collection(collection_name("shared_t", "v2"), dimension=6, properties={"space": "other"})
+    with pytest.raises(RuntimeError, match="holds space 'other'"):
+        shared(6, "v2")
+    for name in (first.collection, collection_name("shared_t", "v2")):
+        spaces.client.drop_collection(name)
+
+
+def test_reconciliation_writes_only_what_differs_and_deletes_last(spaces: MilvusSpaces) -> None:
+    """Between begin and finish, an add writes only missing or different rows and removes wait; finish
+    deletes what the collection held that was not added again, and counts each kind of repair."""
+    shared = SharedSpaces.__new__(SharedSpaces)
+    shared.uri, shared.prefix, shared.client, shared.writes = spaces.uri, "recon_t", spaces.client, True
+    rng = np.random.default_rng(9)
+    vecs = _vecs(rng, 30, 5)
+    side = shared(5, "v1")
+    side.add(np.arange(30), vecs)  # the engine: 0-29
+    side = shared(5, "v1")  # a new writer: empty bitmap, same collection
+    side.begin_reconcile()
+    truth = vecs.copy()
+    truth[3] += 1.0  # Postgres says another vector for 3
+    side.add(np.arange(25), truth[:25])  # Postgres: 0-24 (25-29 are extras)
+    side.add([40, 41], _vecs(rng, 2, 5))  # missing in the engine
+    side.remove([0])  # moved away: deleted at finish, not now
+    assert 0 in side.engine_ids().tolist()
+    repairs = side.finish_reconcile()
+    assert repairs == {"inserted": 2, "replaced": 1, "deleted": 6}
+    held = side.engine_ids()
+    assert set(held.tolist()) == set(range(1, 25)) | {40, 41}
+    np.testing.assert_allclose(side.fetch(np.array([3]))[3], truth[3])
+    spaces.client.drop_collection(side.collection)
