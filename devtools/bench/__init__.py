@@ -18,7 +18,12 @@ module each:
 7. API process memory per item for 1M d=64 vectors vs the raw vector bytes (in a fresh process) (`memory`);
 8. 1M items: start-up rebuild from Postgres (rows loaded with binary COPY), IVF / HNSW recall@10 vs
    Flat with their speed-up, and memory per item of IVF-PQ and IVF-PQ with exact re-ranking beside Flat
-   (`large`).
+   (`large`);
+9. gallery scale (issue 19; default 1M, ``--scale-n 10000000`` for the README's table): d=256 clustered
+   synthetic v1 and a v2 derived by a known transformation; at 0, 50 and 100% backfilled, bytes per item,
+   recall@10 of the merged result against the exact merged result and single-query p50/p99 for Flat,
+   IVF-Flat, IVF-PQ and IVF-PQ with exact re-ranking (FAISS in-process), and milvus-lite (the service's
+   `MilvusIndex`) at ``--milvus-n`` items (`scale`).
 
 ``--quick`` shrinks every size so the whole run takes well under a minute. The section modules are
 imported when a run starts, so registering the command stays cheap.
@@ -133,6 +138,7 @@ def _run_sections(run: _Run, art: Any) -> None:
     from devtools.bench.large import section_large
     from devtools.bench.memory import section_memory
     from devtools.bench.merge import section_merge
+    from devtools.bench.scale import section_scale
 
     cfg, only = run.cfg, run.cfg.only
     if 1 in only:
@@ -153,6 +159,8 @@ def _run_sections(run: _Run, art: Any) -> None:
         run.guarded("7", lambda: section_memory(cfg))
     if 8 in only:
         run.guarded("8", lambda: section_large(cfg))
+    if 9 in only:
+        run.guarded("9", lambda: section_scale(cfg))
 
 
 def run_bench(cfg: BenchConfig, command: str = "backfill bench") -> dict[str, Any]:
@@ -185,6 +193,8 @@ def register(app: typer.Typer) -> None:
         update: bool = typer.Option(False, "--update", help="Replace only the chosen sections of results.json."),
         synth_n: int | None = typer.Option(None, help="Synthetic vectors for section 1 (default 1M)."),
         large_n: int | None = typer.Option(None, help="Items for sections 7 and 8 (default 1M)."),
+        scale_n: int | None = typer.Option(None, help="Items for section 9's FAISS indices (default 1M)."),
+        milvus_n: int | None = typer.Option(None, help="Items for section 9's milvus-lite rows (default 100k)."),
     ) -> None:
         """Measure every performance figure beside its baseline; writes results.json and results.md."""
         sel = tuple(sorted({int(x) for x in only.split(",") if x.strip()}))
@@ -203,6 +213,8 @@ def register(app: typer.Typer) -> None:
             update=update,
             synth_n=synth_n,
             large_n=large_n,
+            scale_n=scale_n,
+            milvus_n=milvus_n,
         )
         res = run_bench(cfg, "backfill bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "backfill bench")
         typer.echo(markdown(res))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 MERGE_TARGET, ENCODE_TARGET, WORKER_TARGET, LAG_P99_TARGET, MEMORY_TARGET = 1.15, 0.6, 0.8, 1.0, 1.3
 
 
@@ -29,10 +29,28 @@ class BenchConfig:
     large_n: int | None = None
     e2e_n: int | None = None
     backfill_items: int | None = None
+    scale_n: int | None = None
+    milvus_n: int | None = None
 
     def size(self, name: str) -> int:
-        full = {"real_n": 10_000, "synth_n": 1_000_000, "large_n": 1_000_000, "e2e_n": 10_000, "backfill_items": 5_000}
-        quick = {"real_n": 2_000, "synth_n": 20_000, "large_n": 20_000, "e2e_n": 1_000, "backfill_items": 300}
+        full = {
+            "real_n": 10_000,
+            "synth_n": 1_000_000,
+            "large_n": 1_000_000,
+            "e2e_n": 10_000,
+            "backfill_items": 5_000,
+            "scale_n": 1_000_000,
+            "milvus_n": 100_000,
+        }
+        quick = {
+            "real_n": 2_000,
+            "synth_n": 20_000,
+            "large_n": 20_000,
+            "e2e_n": 1_000,
+            "backfill_items": 300,
+            "scale_n": 20_000,
+            "milvus_n": 2_000,
+        }
         v = getattr(self, name)
         return int(v) if v is not None else (quick if self.quick else full)[name]
 

@@ -470,6 +470,39 @@ def _md_memory_scale(lg: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _md_scale_rows(rows: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"| {r['fraction']:.0%} | {r['index']} | {r['setting']} | {r['bytes_per_item']:.1f} | {r['recall']:.3f} | "
+        f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {_f(r['build_s'], '.1f')} |"
+        for r in rows
+    ]
+
+
+def md_scale(sc: dict[str, Any]) -> list[str]:
+    """Section 9: the merged search at gallery scale, one row per fraction, index and setting."""
+    fs = sc.get("faiss", {})
+    if not fs.get("rows"):
+        return []
+    head = "| backfilled | index | setting | B/item | recall@10 | p50 (ms) | p99 (ms) | add (s) |"
+    lines = [
+        "",
+        f"## Merged OLD + NEW search at {fs['items']:,} items (d={fs['dim']}, {fs['clusters']:,} clusters, "
+        f"{fs['queries']} single queries, both sides searched and merged, 1 thread; recall@{fs['k']} against "
+        f"the exact merged top-{fs['k']}; {fs['seconds']:.0f} s, peak RSS {fs['rss_peak_gib']:.2f} GiB)",
+        "",
+        head,
+        "|---:|---|---|---:|---:|---:|---:|---:|",
+        *_md_scale_rows(fs["rows"]),
+    ]
+    mv = sc.get("milvus", {})
+    if mv.get("rows"):
+        lines += ["", f"milvus-lite at {mv['items']:,} items ({mv['queries']} queries):", "", head]
+        lines += ["|---:|---|---|---:|---:|---:|---:|---:|", *_md_scale_rows(mv["rows"])]
+    elif "error" in mv:
+        lines += ["", f"milvus-lite: error: {mv['error']}"]
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = _header(res)
     lines += ["", "| # | figure | measured | baseline | ratio | target | met |", "|---|---|---:|---:|---:|---|---|"]
@@ -477,6 +510,6 @@ def markdown(res: dict[str, Any]) -> str:
     s = res["sections"]
     lines += _md_stages(s.get("3", {})) + _md_concurrency(s.get("3", {}))
     lines += _md_merge(s.get("1", {})) + _md_recall(s.get("8", {}))
-    lines += _md_memory_scale(s.get("8", {}))
+    lines += _md_memory_scale(s.get("8", {})) + md_scale(s.get("9", {}))
     lines += ["", "Raw figures: `results.json` beside this file."]
     return "\n".join(lines) + "\n"

@@ -60,5 +60,5 @@ def test_bench_rejects_unknown_section(tmp_path: Path) -> None:
     @app.command("noop")
     def noop() -> None: ...
 
-    result = CliRunner().invoke(app, ["bench", "--only", "9", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["bench", "--only", "10", "--out", str(tmp_path)])
     assert result.exit_code != 0

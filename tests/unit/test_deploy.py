@@ -48,6 +48,9 @@ COMPOSE_SECRETS = {"POSTGRES_PASSWORD": "pg-test-password_0123", "REDIS_PASSWORD
 REQUIRED_VARS = ("BACKFILL_OPERATOR_TOKEN", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
 APP_SERVICES = ("migrate", "api", "worker")
 EXPECTED_SERVICES = {"postgres", "redis", "migrate", "api", "worker", "prometheus", "grafana"}
+# `--profile milvus` (docs/scale.md): Milvus standalone with its etcd and MinIO, and an api / worker pair using it.
+MILVUS_SERVICES = {"milvus-etcd", "milvus-minio", "milvus", "api-milvus", "worker-milvus"}
+MILVUS_ENV = {"BACKFILL_INDEX_BACKEND": "milvus", "BACKFILL_MILVUS_URI": "http://milvus:19530"}
 __all__ = ["DASHBOARD_FILE", "GRAFANA_VARS", "dashboard", "dashboard_expressions", "iter_panels", "to_promql"]
 
 
@@ -104,6 +107,11 @@ def load_compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     (default: the token and the two passwords, as an operator would export them)."""
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     return _interpolate_tree(raw, {"BACKFILL_OPERATOR_TOKEN": TEST_TOKEN, **COMPOSE_SECRETS} if env is None else env)
+
+
+def default_services(compose: dict[str, Any]) -> dict[str, Any]:
+    """The services `docker compose up` starts: those in no profile."""
+    return {name: svc for name, svc in compose["services"].items() if not svc.get("profiles")}
 
 
 def service_environment(service: dict[str, Any]) -> dict[str, str]:
@@ -197,11 +205,14 @@ def _compose_commands() -> list[list[str]]:
     return found
 
 
-def _compose_config(cmd: list[str], env: dict[str, str], empty_env_file: Path) -> subprocess.CompletedProcess[str]:
+def _compose_config(
+    cmd: list[str], env: dict[str, str], empty_env_file: Path, profile: str | None = None
+) -> subprocess.CompletedProcess[str]:
     empty_env_file.write_text("")  # so that a local .env supplies nothing
     keep = {k: v for k, v in os.environ.items() if k not in REQUIRED_VARS}
+    profiles = ["--profile", profile] if profile else []
     return subprocess.run(
-        [*cmd, "-f", str(COMPOSE_FILE), "--env-file", str(empty_env_file), "config", "--quiet"],
+        [*cmd, "-f", str(COMPOSE_FILE), "--env-file", str(empty_env_file), *profiles, "config", "--quiet"],
         capture_output=True,
         text=True,
         env={**keep, **env},
@@ -219,6 +230,8 @@ def test_compose_implementations_accept_the_file_and_refuse_missing_secrets(tmp_
     for cmd in commands:
         res = _compose_config(cmd, full, tmp_path / "empty.env")
         assert res.returncode == 0, f"{cmd}: {res.stderr}"
+        res = _compose_config(cmd, full, tmp_path / "empty.env", profile="milvus")
+        assert res.returncode == 0, f"{cmd} --profile milvus: {res.stderr}"
         for var in REQUIRED_VARS:
             res = _compose_config(cmd, {k: v for k, v in full.items() if k != var}, tmp_path / "empty.env")
             assert res.returncode != 0 and var in res.stderr + res.stdout, f"{cmd} without {var}: {res.stderr}"
@@ -259,10 +272,13 @@ def test_compose_networks_keep_postgres_and_redis_internal() -> None:
         "prometheus": {"backend", "frontend"},
         "grafana": {"frontend"},
     }
+    expected |= {"milvus-etcd": {"backend"}, "milvus-minio": {"backend"}, "milvus": {"backend"}}
+    expected |= {"api-milvus": {"backend", "frontend"}, "worker-milvus": {"backend"}}
     for name, nets in expected.items():
         assert set(services[name]["networks"]) == nets, name
-    published = {name for name, svc in services.items() if svc.get("ports")}
+    published = {name for name, svc in default_services(c).items() if svc.get("ports")}
     assert published == {"api", "prometheus", "grafana"}
+    assert {name for name, svc in services.items() if svc.get("ports")} - published == {"api-milvus"}
     for name in ("prometheus", "grafana"):
         assert all(str(p).startswith("127.0.0.1:") for p in services[name]["ports"]), name
 
@@ -289,7 +305,8 @@ def test_compose_passwords_reach_postgres_redis_and_the_app() -> None:
 def test_compose_services_and_volumes() -> None:
     c = load_compose()
     services = c["services"]
-    assert set(services) == EXPECTED_SERVICES
+    assert set(default_services(c)) == EXPECTED_SERVICES
+    assert set(services) == EXPECTED_SERVICES | MILVUS_SERVICES
     declared_volumes = set(c.get("volumes") or {})
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
@@ -344,7 +361,7 @@ def test_compose_app_services() -> None:
 
 def test_compose_environment_is_valid_settings() -> None:
     services = load_compose()["services"]
-    for name in APP_SERVICES:
+    for name in (*APP_SERVICES, "api-milvus", "worker-milvus"):
         env = service_environment(services[name])
         for key in env:
             if key.startswith("BACKFILL_"):
@@ -357,6 +374,47 @@ def test_compose_environment_is_valid_settings() -> None:
         kwargs = {k.removeprefix("BACKFILL_").lower(): v for k, v in env.items() if k.startswith("BACKFILL_")}
         s = Settings(**kwargs)  # validates like the containers will (production token rules included)
         assert s.environment == "production" and not s.is_sqlite
+
+
+def test_compose_milvus_profile_adds_milvus_and_leaves_the_default_stack() -> None:
+    """`--profile milvus`: Milvus standalone (pinned official images, its etcd and MinIO healthy first), and an
+    api / worker pair identical to the default ones but for the backend settings, the api's host port and the
+    wait for Milvus. Without the profile nothing of it starts and no default service names Milvus."""
+    c = load_compose()
+    services = c["services"]
+    for name in MILVUS_SERVICES:
+        assert services[name]["profiles"] == ["milvus"], name
+    for name, svc in default_services(c).items():
+        env = service_environment(svc)
+        assert not {k for k in env if k in MILVUS_ENV}, name
+        assert "milvus" not in (svc.get("depends_on") or {}), name
+    images = {name: services[name]["image"] for name in ("milvus", "milvus-etcd", "milvus-minio")}
+    assert images["milvus"].startswith("milvusdb/milvus:v2.")
+    assert images["milvus-etcd"].startswith("quay.io/coreos/etcd:v3.")
+    assert images["milvus-minio"].startswith("minio/minio:RELEASE.")
+    for dep in ("milvus-etcd", "milvus-minio"):
+        assert services["milvus"]["depends_on"][dep]["condition"] == "service_healthy"
+    env = service_environment(services["milvus"])
+    assert env["ETCD_ENDPOINTS"] == "milvus-etcd:2379" and env["MINIO_ADDRESS"] == "milvus-minio:9000"
+    assert env["MINIO_ACCESS_KEY_ID"] == service_environment(services["milvus-minio"])["MINIO_ACCESS_KEY"]
+    assert env["MINIO_SECRET_ACCESS_KEY"] == service_environment(services["milvus-minio"])["MINIO_SECRET_KEY"]
+    assert "19530" in MILVUS_ENV["BACKFILL_MILVUS_URI"] and "milvus" in services
+    for base, name in (("api", "api-milvus"), ("worker", "worker-milvus")):
+        a, b = services[base], services[name]
+        assert service_environment(b) == {**service_environment(a), **MILVUS_ENV}, name
+        assert b["depends_on"] == {**a["depends_on"], "milvus": {"condition": "service_healthy"}}, name
+        same = {k: v for k, v in a.items() if k not in ("environment", "depends_on", "ports")}
+        assert {k: v for k, v in b.items() if k not in ("environment", "depends_on", "ports", "profiles")} == same
+        s = Settings(
+            **{
+                k.removeprefix("BACKFILL_").lower(): v
+                for k, v in service_environment(b).items()
+                if k.startswith("BACKFILL_")
+            }
+        )
+        assert (s.index_backend, s.milvus_uri) == ("milvus", "http://milvus:19530"), name
+    assert services["api-milvus"]["ports"] == ["8001:8000"]
+    assert services["api"]["ports"] == ["8000:8000"]
 
 
 def test_compose_commands_exist_in_the_cli() -> None:
