@@ -65,7 +65,7 @@ def main() -> None:
     merge_rows: list[dict[str, Any]] = []
     for n in args.sizes:
         for batch in (1, 32):
-            merge_rows.append(bench_merge(n, args.queries if batch == 1 else max(50, args.queries // 5), args.k, batch))
+            merge_rows += bench_merge(n, args.queries if batch == 1 else max(50, args.queries // 5), args.k, batch)
     enc_rows = [r for b in (1, 32) if (r := bench_encode(args.artifacts, 200 if b == 1 else 50, b)) is not None]
     _print_tables(args, merge_rows, enc_rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -62,3 +63,34 @@ def test_bench_rejects_unknown_section(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(app, ["bench", "--only", "10", "--out", str(tmp_path)])
     assert result.exit_code != 0
+
+
+def test_merge_rows_measure_recall_against_brute_force() -> None:
+    """Section 1's recall: exact (Flat) indices reproduce the brute-force answers; a one-list IVF probe over
+    clustered data misses some, and the merge's recall is measured against the merge of exact halves."""
+    from devtools.bench.merge import bench_merge
+
+    (flat,) = bench_merge(600, 20, 10, 1, 16, factory="Flat")
+    assert flat["single_recall"] == 1.0 and flat["merged_recall"] == 1.0
+    rows = bench_merge(
+        3_000, 40, 10, 1, 16, factory="IVF16,Flat", data="clustered", search_params=("nprobe=1", "nprobe=16")
+    )
+    by = {r["search_params"]: r for r in rows}
+    assert by["nprobe=16"]["single_recall"] == 1.0 and by["nprobe=16"]["merged_recall"] == 1.0  # every list probed
+    assert by["nprobe=1"]["single_recall"] < 1.0 and by["nprobe=1"]["merged_recall"] < 1.0
+    for r in rows:  # equal recall: the cheapest merged setting at least as accurate as this one-index setting
+        ok = [m for m in rows if m["merged_recall"] >= r["single_recall"]]
+        assert r["equal_recall_params"] == min(ok, key=lambda m: m["merged_p50_ms"])["search_params"]
+        assert r["equal_recall_ratio_p50"] == pytest.approx(
+            min(m["merged_p50_ms"] for m in ok) / r["single_p50_ms"]  # type: ignore[operator]
+        )
+
+
+def test_ivf_sizing_rows() -> None:
+    """The list-sizing comparison: probing every list of both halves finds the exact merged answer."""
+    from devtools.bench.ivf_sizing import run
+
+    rows = run(3_000, 10, nlist=16, d=16)
+    assert len(rows) == 12
+    full = [r for r in rows if r["nprobe"] == 16 and r["halves"] == "OLD IVF16 nprobe 16, NEW IVF16 nprobe 16"]
+    assert len(full) == 1 and full[0]["recall_one"] == 1.0 and full[0]["recall_merged"] == 1.0
