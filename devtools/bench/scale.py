@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import math
 import mmap
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -436,13 +437,32 @@ def threads_to(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+def _built(
+    label: str,
+    key: str,
+    build: Callable[[Side, Space], Any],
+    f: float,
+    live: dict[str, Side],
+    spaces: dict[str, Space],
+    info: dict[str, float],
+    threads: int,
+) -> tuple[dict[str, Any], float]:
+    """One index type built over every non-empty side on all cores (its seconds in `info[key]`), then the
+    search threads restored; returns the indices and their serialized bytes."""
+    threads_to(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    built = {s: build(sd, spaces[s]) for s, sd in live.items()}
+    info[key] = time.perf_counter() - t0
+    log(f"fraction {f}: {label} added in {info[key]:.0f} s")
+    threads_to(threads)
+    return built, float(sum(ivf_bytes(ix) for ix in built.values()))
+
+
 def fraction_rows(
     syn: Synth, f: float, spaces: dict[str, Space], qs: dict[str, np.ndarray], truth: np.ndarray, k: int, threads: int
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Every index type at one fraction, one at a time: Flat, IVF-PQ (plain and re-ranked), IVF-Flat."""
-    import os
-
-    n, d, cores = syn.n, syn.d, os.cpu_count() or 1
+    n, d = syn.n, syn.d
     t0 = time.perf_counter()
     sides = fill_sides(syn, f, spaces)
     live = {s: sd for s, sd in sides.items() if sd.n}
@@ -451,13 +471,8 @@ def fraction_rows(
     threads_to(threads)
     rows = [row("Flat", "exact", f, measure({s: flat_search(sd, k) for s, sd in live.items()}, qs, truth, k),
                  flat_bytes(n, d) / n, None)]  # fmt: skip
-    threads_to(cores)
-    t0 = time.perf_counter()
-    pq = {s: build_pq(sd, spaces[s]) for s, sd in live.items()}
-    info["ivf_pq_add_s"] = time.perf_counter() - t0
-    log(f"fraction {f}: IVF-PQ added in {info['ivf_pq_add_s']:.0f} s")
-    pq_b = sum(ivf_bytes(ix) for ix in pq.values()) / n
-    threads_to(threads)
+    pq, pq_b = _built("IVF-PQ", "ivf_pq_add_s", build_pq, f, live, spaces, info, threads)
+    pq_b /= n
     for p in NPROBES:
         r = measure({s: ivf_search(live[s], ix, p, k) for s, ix in pq.items()}, qs, truth, k)
         rows.append(row(f"IVF{len(spaces['old'].centroids)},PQ{PQ_M}", f"nprobe={p}", f, r, pq_b, info["ivf_pq_add_s"]))
@@ -475,13 +490,8 @@ def fraction_rows(
         )
     del pq
     gc.collect()
-    threads_to(cores)
-    t0 = time.perf_counter()
-    ivf = {s: build_ivf_flat(sd, spaces[s]) for s, sd in live.items()}
-    info["ivf_flat_add_s"] = time.perf_counter() - t0
-    log(f"fraction {f}: IVF-Flat added in {info['ivf_flat_add_s']:.0f} s")
-    flat_b = sum(ivf_bytes(ix) for ix in ivf.values()) / n
-    threads_to(threads)
+    ivf, flat_b = _built("IVF-Flat", "ivf_flat_add_s", build_ivf_flat, f, live, spaces, info, threads)
+    flat_b /= n
     for p in NPROBES:
         r = measure({s: ivf_search(live[s], ix, p, k) for s, ix in ivf.items()}, qs, truth, k)
         rows.append(row(f"IVF{len(spaces['old'].centroids)},Flat", f"nprobe={p}", f, r, flat_b, info["ivf_flat_add_s"]))
@@ -498,8 +508,6 @@ def fraction_rows(
 
 def faiss_study(n: int, k: int, n_queries: int, threads: int) -> dict[str, Any]:
     """Train, the exact pass (with the coarse assignments), then each fraction's indices."""
-    import os
-
     threads_to(os.cpu_count() or 1)
     t_all = time.perf_counter()
     syn = Synth(n)

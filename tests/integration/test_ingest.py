@@ -89,6 +89,19 @@ def add_items(s: Session, n: int, vecs: np.ndarray, prefix: str = "i") -> list[i
     return [it.id for it in items]
 
 
+def reverse_rollout() -> Rollout:
+    """A running v1 -> v2 rollout on the reverse path (batches of 20), to add beside the items."""
+    return Rollout(
+        from_version="v1",
+        to_version="v2",
+        mode="reverse",
+        policy="fifo",
+        status="running",
+        batch_size=20,
+        active_lock=1,
+    )
+
+
 def to_new_space(src: str, dst: str, v: np.ndarray) -> np.ndarray:
     """A stand-in transformation v1 -> v2 (zero-padding: D1 -> D2, distances kept)."""
     return np.pad(v, ((0, 0), (0, D2 - D1)))
@@ -243,17 +256,7 @@ def test_every_live_item_found_exactly_once_during_ingestion(sm: sessionmaker[Se
     v2 = to_new_space("v1", "v2", v1)  # the OLD side re-scores by h(v1): a query finds its item on either side
     with sm() as s:
         ids = add_items(s, n, v1)
-        s.add(
-            Rollout(
-                from_version="v1",
-                to_version="v2",
-                mode="reverse",
-                policy="fifo",
-                status="running",
-                batch_size=20,
-                active_lock=1,
-            )
-        )
+        s.add(reverse_rollout())
         s.commit()
     r = make_redis(settings)
     f, manager = follower(sm, r=r, poll_seconds=0.5)

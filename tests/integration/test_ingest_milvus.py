@@ -19,7 +19,15 @@ from service.db.models import Embedding, ModelVersion, Rollout
 from service.gallery import delete_item
 from service.index import IndexSet
 from service.milvus_index import MilvusIndex, MilvusSpaces, connect
-from tests.integration.test_ingest import D1, add_items, follower, to_new_space, unit, with_models
+from tests.integration.test_ingest import (
+    D1,
+    add_items,
+    follower,
+    reverse_rollout,
+    to_new_space,
+    unit,
+    with_models,
+)
 from tests.unit.service.test_milvus_index import assert_same_hits
 
 pytestmark = pytest.mark.integration
@@ -49,17 +57,7 @@ def test_milvus_follower_matches_faiss_follower(sm: sessionmaker[Session], tmp_p
     v2 = to_new_space("v1", "v2", v1) + 0.05 * rng.normal(size=(n, 12)).astype(np.float32)
     with sm() as s:
         ids = add_items(s, n, v1, "m")
-        s.add(
-            Rollout(
-                from_version="v1",
-                to_version="v2",
-                mode="reverse",
-                policy="fifo",
-                status="running",
-                batch_size=20,
-                active_lock=1,
-            )
-        )
+        s.add(reverse_rollout())
         s.commit()
     spaces = MilvusSpaces(str(tmp_path / "milvus.db"))
     fm, manager_m = follower(sm, batch_size=40, make_space=spaces)

@@ -29,7 +29,15 @@ from service.metrics import INDEX_RECONCILE_REPAIRS
 from service.milvus_index import ID, VEC, SharedSpaces, collection_name
 from tests.helpers import wait_until
 from tests.integration.milvus_procs import milvus_lite_server, spawn_writer, stop
-from tests.integration.test_ingest import D1, add_items, follower, to_new_space, unit, with_models
+from tests.integration.test_ingest import (
+    D1,
+    add_items,
+    follower,
+    reverse_rollout,
+    to_new_space,
+    unit,
+    with_models,
+)
 from tests.integration.test_ingest_milvus import _same
 from tests.unit.service.test_milvus_index import TOL
 
@@ -125,17 +133,7 @@ def _seed(sm: sessionmaker[Session], n: int, seed: int) -> tuple[list[int], np.n
     v2 = to_new_space("v1", "v2", v1) + 0.05 * rng.normal(size=(n, 12)).astype(np.float32)
     with sm() as s:
         ids = add_items(s, n, v1, "m")
-        s.add(
-            Rollout(
-                from_version="v1",
-                to_version="v2",
-                mode="reverse",
-                policy="fifo",
-                status="running",
-                batch_size=20,
-                active_lock=1,
-            )
-        )
+        s.add(reverse_rollout())
         s.commit()
     return ids, v1, v2
 

@@ -119,7 +119,10 @@ def test_indices_recall_and_bytes(small: tuple) -> None:
     every = measure({s: ivf_search(sides[s], ix, nlist, K, 200) for s, ix in pq.items()}, qs, truth.merged[f], K)
     assert every["recall"] == 1.0  # every list probed and every item re-ranked exactly: exact
     plain = measure({s: ivf_search(sides[s], ix, 8, K) for s, ix in pq.items()}, qs, truth.merged[f], K)
-    assert plain["recall"] == pytest.approx(recall_at(plain["ids"], truth.merged[f], K))
+    # recall recomputed another way (membership of each exact id), and PQ without re-ranking is lossy here
+    found = [np.isin(t[t >= 0], g[g >= 0]).sum() / K for g, t in zip(plain["ids"], truth.merged[f], strict=True)]
+    assert plain["recall"] == pytest.approx(float(np.mean(found)))
+    assert plain["recall"] < every["recall"]
     # IVF-Flat from released memory equals an IVF-Flat filled by `add_with_ids` from the same centroids
     old = sides["old"]
     x, ids, assign = old.x.copy(), old.ids.copy(), old.assign.copy()
