@@ -9,12 +9,15 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
+from rq import Worker
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +29,7 @@ from service.db import make_engine, make_sessionmaker
 from service.db.models import CompatPack as CompatPackRow
 from service.db.models import ModelVersion
 from service.model_cache import EncoderRef, ModelCache, PackRef
-from service.redis_conn import make_redis
+from service.redis_conn import JOB_SERIALIZER, job_queue, make_redis
 from worker.stages import StageClock
 
 log = logging.getLogger(__name__)
@@ -77,15 +80,26 @@ class WorkerContext:
         return postgresql.insert(model) if self.is_postgres else sqlite.insert(model)
 
 
-# --- threads: the encoder's torch pool leaves a core to the loader/committer threads and the database ----
+# --- threads: the worker processes of one host share its cores ----------------------------------------
 TORCH_THREADS_ENV = "BACKFILL_WORKER_TORCH_THREADS"
+THREAD_POLICY_SECONDS = 30.0  # how often a running driver re-counts the workers on its host
 
 
-def encoder_threads(cores: int | None = None) -> int:
-    """Torch intra-op threads for a worker process: `$BACKFILL_WORKER_TORCH_THREADS` when set (> 0), else
-    one less than the cores (at least one). The driver's loader and committer threads and Postgres need a
-    core while the encoder runs; a torch pool over every core makes them wait for it (measured in the
-    backfill bench, docs/performance.md)."""
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def encoder_threads(cores: int | None = None, workers: int = 1) -> int:
+    """Torch intra-op threads for a worker process: `$BACKFILL_WORKER_TORCH_THREADS` when set (> 0), else an
+    equal share of the cores among the `workers` worker processes of this host (at least one). The loader
+    and committer threads and Postgres mostly wait on each other and fit beside a full torch pool (with
+    OMP_WAIT_POLICY=PASSIVE, set by the `worker` package): one worker on two quiet cores embeds 1.3x to
+    1.5x more with two torch threads than with one (docs/performance.md); two workers on one host get one
+    each rather than four threads on two cores."""
     raw = os.environ.get(TORCH_THREADS_ENV, "").strip()
     if raw:
         try:
@@ -94,17 +108,66 @@ def encoder_threads(cores: int | None = None) -> int:
         except ValueError:
             pass
         log.warning("ignoring %s=%r: not a positive integer", TORCH_THREADS_ENV, raw)
-    return max(1, (cores or os.cpu_count() or 1) - 1)
+    return max(1, (cores or host_cores()) // max(1, workers))
 
 
-def apply_thread_policy() -> int:
-    """Set this process's torch threads to `encoder_threads()` (a worker process calls it once at start);
-    returns the count."""
+def apply_thread_policy(workers: int = 1) -> int:
+    """Set this process's torch threads to `encoder_threads(workers=workers)`; returns the count."""
     import torch
 
-    n = encoder_threads()
-    torch.set_num_threads(n)
+    n = encoder_threads(workers=workers)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
     return n
+
+
+HOST_FIELD = "backfill_host"  # this project's field in an RQ worker's hash: the host it runs on (`host_id`)
+
+
+def host_id() -> str:
+    """What identifies the machine: the kernel's boot id, which every container on one host shares (their
+    hostnames differ), else the hostname."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+def workers_on_host(ctx: WorkerContext) -> int:
+    """Live RQ workers of the backfill queue whose hash names this host (`worker.main.BackfillWorker` records
+    it at registration); 1 when Redis fails."""
+    host = host_id()
+    try:
+        found = Worker.all(connection=ctx.redis, queue=job_queue(ctx.redis, ctx.settings), serializer=JOB_SERIALIZER)
+        pipe = ctx.redis.pipeline(transaction=False)
+        for w in found:
+            pipe.hget(w.key, HOST_FIELD)
+        hosts = pipe.execute()
+    except redis.RedisError as e:
+        log.warning("counting this host's workers failed (%s): assuming one", e)
+        return 1
+    return sum(1 for h in hosts if h is not None and (h.decode() if isinstance(h, bytes) else h) == host)
+
+
+class ThreadPolicy:
+    """A running driver's torch threads, re-applied from the count of this host's workers at most every
+    `THREAD_POLICY_SECONDS` (workers start and stop while a rollout runs). Call `tick` from the thread that
+    runs the encoder (`torch.set_num_threads` applies to the calling thread's OpenMP pool)."""
+
+    def __init__(self, ctx: WorkerContext, interval: float = THREAD_POLICY_SECONDS) -> None:
+        self.ctx, self.interval = ctx, interval
+        self.checked = -float("inf")
+        self.threads = 0
+
+    def tick(self, *_: object) -> None:
+        """Re-count and re-apply when the interval has passed (takes and ignores a driver's batch result)."""
+        now = time.monotonic()
+        if now - self.checked >= self.interval:
+            self.checked = now
+            n = apply_thread_policy(max(1, workers_on_host(self.ctx)))
+            if n != self.threads:
+                log.info("encoder threads: %d", n)
+                self.threads = n
 
 
 _context: WorkerContext | None = None

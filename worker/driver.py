@@ -26,7 +26,7 @@ from service import rollouts as domain
 from service.db import queries
 from service.db.models import BackfillTask, Rollout, utcnow
 from worker.backfill import BatchResult, release
-from worker.context import WorkerContext, get_context, heartbeat
+from worker.context import ThreadPolicy, WorkerContext, get_context, heartbeat
 from worker.pipeline import Loaded, encode_loaded, finish_loaded, load_batch
 from worker.stages import timed
 
@@ -229,8 +229,10 @@ def _finish_or_wait(ctx: WorkerContext, rollout_id: int) -> str | None:
 def drive_backfill(rollout_id: int) -> dict[str, Any]:
     """RQ job: run a backfill driver for the rollout."""
     ctx = get_context()
+    threads = ThreadPolicy(ctx)  # this host's cores shared among its workers, re-counted while it runs
+    threads.tick()
     with heartbeat(ctx):
-        summary = drive(ctx, rollout_id)
+        summary = drive(ctx, rollout_id, on_batch=threads.tick)
     log.info(
         "driver for rollout %s: %d batches, %d embedded, %d failed -> %s",
         rollout_id,

@@ -16,7 +16,7 @@ from rq import SimpleWorker
 
 from service.config import Settings
 from service.redis_conn import JOB_SERIALIZER, job_queue
-from worker.context import WorkerContext, apply_thread_policy, configure
+from worker.context import HOST_FIELD, WorkerContext, apply_thread_policy, configure, host_id, workers_on_host
 from worker.maintenance import maintain
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,11 @@ class BackfillWorker(SimpleWorker):
     current batch: drivers otherwise run until their rollout finishes."""
 
     backfill_context: WorkerContext | None = None
+
+    def register_birth(self) -> None:
+        """RQ's registration, plus the host it runs on (`worker.context.workers_on_host` counts them)."""
+        super().register_birth()
+        self.connection.hset(self.key, HOST_FIELD, host_id())
 
     def handle_warm_shutdown_request(self) -> None:
         if self.backfill_context is not None:
@@ -74,8 +79,8 @@ def run_worker(
 
         start_http_server(port, addr=settings.metrics_bind)
         log.info("worker metrics on %s:%d/metrics", settings.metrics_bind, port)
-    log.info("encoder threads: %d", apply_thread_policy())
     ctx = configure(settings)
+    log.info("encoder threads: %d", apply_thread_policy(workers_on_host(ctx) + 1))  # + this one, not yet registered
     worker = build_worker(ctx, name)
     maintain(ctx)
     if not burst:
