@@ -35,7 +35,9 @@ def merge_topk(
     hits of the union, ascending distance, one hit per id."""
     new_d = np.asarray(new_d, dtype=np.float32)
     new_i = np.asarray(new_i, dtype=np.int64)
-    if old_d is not None and old_i is not None and new_d.shape[0] <= 2:
+    if new_d.shape[0] <= 2:  # one or two queries: list work costs less than array work (3x for one side)
+        if old_d is None or old_i is None:
+            return [_merge_sorted(nd, ni, [], [], k) for nd, ni in zip(new_d.tolist(), new_i.tolist(), strict=True)]
         return [
             _merge_sorted(nd, ni, od, oi, k)
             for nd, ni, od, oi in zip(

@@ -97,10 +97,13 @@ def _check_exact(single: VectorIndex, pair: IndexSet, queries_b: np.ndarray, k: 
         assert [[h.item_id for h in row] for row in m] == si.tolist()
 
 
+_STAND_IN_X = np.linspace(0, 4, 16)
+_STAND_IN_Y = _STAND_IN_X * 0.9
+
+
 def _stand_in_calibration(x: np.ndarray) -> np.ndarray:
     """A monotone calibration (OLD distances -> NEW scale), as CompatPack.calibrate applies it."""
-    knots = np.linspace(0, 4, 16)
-    return np.interp(x, knots, knots * 0.9).astype(np.float32)
+    return np.interp(x, _STAND_IN_X, _STAND_IN_Y).astype(np.float32)
 
 
 def bench_merge(
@@ -153,8 +156,7 @@ def bench_merge(
         (nd, ni), old = pair.search(queries_b[i], old_b[i], k)
         assert old is not None
         od, oi = old
-        od = np.where(oi < 0, np.inf, cal(np.where(oi < 0, 0.0, od)))
-        return merge_topk(nd, ni, od, oi, k)
+        return merge_topk(nd, ni, cal(od), oi, k)  # as service/runtime.py: the merge drops empty slots (id -1)
 
     truth_one, truth_merged = _truths(vecs, old_vecs, new_ids, queries_b, old_b, cal, k)
 

@@ -94,3 +94,16 @@ def test_ivf_sizing_rows() -> None:
     assert len(rows) == 12
     full = [r for r in rows if r["nprobe"] == 16 and r["halves"] == "OLD IVF16 nprobe 16, NEW IVF16 nprobe 16"]
     assert len(full) == 1 and full[0]["recall_one"] == 1.0 and full[0]["recall_merged"] == 1.0
+
+
+def test_merge_profile_times_each_piece_of_both_paths() -> None:
+    """`python -m devtools.bench.merge_profile` plumbing: an IVF index gets its quantizer timed alone, a Flat
+    one has none; every piece took time."""
+    from devtools.bench.merge_profile import profile
+
+    ivf = profile(4_000, "IVF16,Flat", "nprobe=2", number=3)  # 4,000 >= 39 x 16: trained, not staged
+    flat = profile(2_000, "Flat", "", number=3)
+    assert "one: its coarse quantizer alone" in ivf and "one: its coarse quantizer alone" not in flat
+    for res in (ivf, flat):
+        assert all(us > 0 for us in res.values()), res
+        assert res["merged: path"] > res["merged: IndexSet.search (both, lock)"]
