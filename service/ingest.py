@@ -16,9 +16,11 @@ The shared index (milvus backend, `SharedSpaces`): the follower holding the writ
 (service/index_writer.py) applies rows to the shared collections; its "rebuild" is a reconciliation of the
 collections with Postgres (at its start, on a layout change, every `reconcile_seconds`): the same full read
 of the table, writing only what the collections lack or hold otherwise, then deleting what they hold and
-Postgres does not put there, then stamping the layout on them (`backfill_index_reconcile_repairs_total`).
-Every other follower is a reader: it reads ids only (never a vector) to know each side's members and the
-external ids, and swaps to a layout only once the writer has stamped it on its collections.
+Postgres does not put there, then stamping the layout on them (`backfill_index_reconcile_repairs_total`),
+then retiring the collections of spaces no layout uses (dropped a reconciliation period later:
+`SharedSpaces.retire_unused`, `backfill_index_collections_dropped_total`). Every other follower is a reader:
+it reads ids only (never a vector) to know each side's members and the external ids, and swaps to a layout
+only once the writer has stamped it on its collections.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from service.index import IndexManager, IndexSet, Layout, VectorIndex
 from service.index_backend import SpaceIndex, SpaceMaker
 from service.index_writer import WriterLease
 from service.metrics import (
+    INDEX_COLLECTIONS_DROPPED,
     INDEX_RECONCILE_REPAIRS,
     INDEX_RECONCILED_TIMESTAMP,
     INDEX_VECTORS,
@@ -81,6 +84,11 @@ def read_layout(session: Session) -> Layout:
 def layout_key(layout: Layout) -> str:
     """The stamp a reconciled shared collection carries (service/milvus_index.py)."""
     return f"{layout.serving}|{layout.rollout_id}|{layout.from_model}|{layout.to_model}|{layout.mode}"
+
+
+# A shared collection no layout uses is dropped one reconciliation period after the writer found it unused, and
+# never sooner than this: readers follow a layout change within a poll, so none still searches it by then.
+RETIRE_GRACE_MIN_SECONDS = 60.0
 
 
 def spaces_of(layout: Layout) -> list[str]:
@@ -337,6 +345,10 @@ class Follower:
         for side in (ix.new, ix.old):
             if side is not None:
                 side.stamp(layout_key(ix.layout))  # type: ignore[attr-defined]
+        retire = getattr(self.make_space, "retire_unused", None)  # shared collections: drop the unused ones
+        if retire is not None:
+            grace = max(self.reconcile_seconds, RETIRE_GRACE_MIN_SECONDS)
+            INDEX_COLLECTIONS_DROPPED.inc(len(retire(spaces_of(ix.layout), grace)))
         self._next_reconcile = time.monotonic() + self.reconcile_seconds
         INDEX_RECONCILED_TIMESTAMP.set(time.time())
 

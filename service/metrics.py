@@ -72,6 +72,11 @@ INDEX_RECONCILE_REPAIRS = Counter(
     "crash; layout: a rollout started, changed path or ended; periodic: drift found by the periodic check).",
     ["side", "action", "reason"],
 )
+INDEX_COLLECTIONS_DROPPED = Counter(
+    "backfill_index_collections_dropped_total",
+    "Shared collections the index's writer dropped because no layout had used their space for a whole "
+    "reconciliation period (milvus backend; Postgres keeps their vectors).",
+)
 INDEX_RECONCILED_TIMESTAMP = Gauge(
     "backfill_index_reconciled_timestamp_seconds",
     "When the shared index's writer last finished reconciling it with Postgres (unix time; milvus backend).",

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from service.ids import IdSet, as_ids, as_vecs
+
+log = logging.getLogger(__name__)
 
 ID, VEC = "id", "vec"
 MAX_TOPK = 16_384  # Milvus's limit on a search's `limit`
@@ -50,6 +53,7 @@ FETCH_CHUNK = 1_000  # ids per `id in [...]` query when a reconciliation compare
 # ``kill-before-old-delete`` SIGKILLs itself on its first delete outside a reconciliation, i.e. after a moving
 # batch's NEW upsert and before its OLD delete, with the Postgres commit already visible.
 FAULT_ENV = "BACKFILL_MILVUS_FAULT"
+RETIRED_AT = "retired_at"  # a shared collection's property: when the writer found its space unused (0: in use)
 
 
 def connect(uri: str) -> Any:
@@ -326,6 +330,38 @@ class SharedSpaces:
         if not self.client.has_collection(name):
             return None
         return self.client.describe_collection(name).get("properties", {}).get("layout")
+
+    def retire_unused(self, keep: Iterable[str], grace_seconds: float, now: float | None = None) -> list[str]:
+        """Drop the shared collections of spaces no layout uses any more (the writer calls it after each
+        reconciliation; Postgres still holds their vectors). A collection of this prefix whose space is not in
+        `keep` is marked retired (a property holding the time) by the first call that finds it unused and
+        dropped by the first call at least `grace_seconds` later, so a reader still serving the previous
+        layout keeps its collections meanwhile; a space used again before that is unmarked. Collections that
+        are not a space's shared one (another process's `MilvusSpaces`) are left alone. Returns the names
+        dropped."""
+        now = time.time() if now is None else now
+        wanted = {collection_name(self.prefix, space) for space in keep}
+        dropped: list[str] = []
+        for name in self.client.list_collections():
+            if not name.startswith(f"{self.prefix}_"):
+                continue
+            props = self.client.describe_collection(name).get("properties", {})
+            if name != collection_name(self.prefix, str(props.get("space", ""))):
+                continue
+            retired = float(props.get(RETIRED_AT) or 0.0)
+            if name in wanted:
+                if retired:
+                    self.client.alter_collection_properties(name, properties={RETIRED_AT: "0"})
+            elif not retired:
+                self.client.alter_collection_properties(name, properties={RETIRED_AT: f"{now:.3f}"})
+                log.info(
+                    "shared collection %s is no longer used: dropped in %.0f s unless used again", name, grace_seconds
+                )
+            elif now - retired >= grace_seconds:
+                self.client.drop_collection(name)
+                dropped.append(name)
+                log.warning("dropped the retired shared collection %s (unused since %.0f s)", name, now - retired)
+        return dropped
 
     def close(self) -> None:
         self.client.close()

@@ -26,7 +26,7 @@ from service.index_writer import WriterLease
 from service.ingest import Follower, layout_key, read_layout
 from service.merge import merge_topk
 from service.metrics import INDEX_RECONCILE_REPAIRS
-from service.milvus_index import ID, VEC, SharedSpaces, collection_name
+from service.milvus_index import ID, RETIRED_AT, VEC, SharedSpaces, collection_name
 from tests.helpers import wait_until
 from tests.integration.milvus_procs import milvus_lite_server, spawn_writer, stop
 from tests.integration.test_ingest import (
@@ -199,6 +199,9 @@ def test_one_writer_readers_search_the_shared_collections_like_faiss(
     assert reader.manager.current is during and reader.ready.is_set()
     writer.sync_once()
     assert spaces.stamped("v1") == layout_key(layout)
+    retired = {sp: spaces.client.describe_collection(collection_name(prefix, sp))["properties"] for sp in ("v1", "v2")}
+    assert float(retired["v2"][RETIRED_AT]) > 0  # unused since the abort: marked, dropped a reconcile period later
+    assert float(retired["v1"].get(RETIRED_AT) or 0) == 0
     assert repairs("new", "inserted", "layout") - before == n - 1  # every live item back into v1's collection
     for f in (reader, ref):
         f.sync_once()

@@ -303,3 +303,33 @@ def test_reconciliation_writes_only_what_differs_and_deletes_last(spaces: Milvus
     assert set(held.tolist()) == set(range(1, 25)) | {40, 41}
     np.testing.assert_allclose(side.fetch(np.array([3]))[3], truth[3])
     spaces.client.drop_collection(side.collection)
+
+
+def test_unused_shared_collections_are_marked_then_dropped_after_the_grace(spaces: MilvusSpaces) -> None:
+    """A space no layout uses is marked at the first call and dropped only by a call `grace` seconds later;
+    one used again meanwhile is unmarked and kept; another process's per-process collection of the same
+    prefix is never touched."""
+    shared = SharedSpaces.__new__(SharedSpaces)
+    shared.uri, shared.prefix, shared.client, shared.writes = spaces.uri, "retire_t", spaces.client, True
+    rng = np.random.default_rng(10)
+    for space in ("v1", "v2", "v1->v2"):
+        shared(4, space).add(np.arange(3), _vecs(rng, 3, 4))
+    private = MilvusSpaces.__new__(MilvusSpaces)
+    private.uri, private.prefix, private.client, private._serial = spaces.uri, "retire_t", spaces.client, iter([7])
+    other = private(4, "v1")  # retire_t_v1_<pid>_7: not a shared collection
+    names = {s: collection_name("retire_t", s) for s in ("v1", "v2", "v1->v2")}
+
+    def present() -> set[str]:
+        return {n for n in spaces.client.list_collections() if n.startswith("retire_t_")}
+
+    assert shared.retire_unused(["v2"], grace_seconds=60, now=1000.0) == []  # v1 and v1->v2 marked
+    assert shared.retire_unused(["v2", "v1"], grace_seconds=60, now=1030.0) == []  # v1 used again: unmarked
+    assert present() == {*names.values(), other.collection}
+    dropped = shared.retire_unused(["v2"], grace_seconds=60, now=1061.0)
+    assert dropped == [names["v1->v2"]]  # marked at 1000; v1 was re-marked at 1061, not yet due
+    assert present() == {names["v1"], names["v2"], other.collection}
+    assert shared.retire_unused(["v2"], grace_seconds=60, now=1121.0) == [names["v1"]]
+    assert present() == {names["v2"], other.collection}
+    assert len(shared(4, "v2").engine_ids()) == 3  # the kept one still holds its rows
+    for name in present():
+        spaces.client.drop_collection(name)
