@@ -448,11 +448,15 @@ def print_report(report: dict[str, Any]) -> None:
         )
     for key in ("one_worker", "one_worker_fewer_threads", "two_workers"):
         w = report["rounds"][0][key]["per_worker"][0]
-        busy = ", ".join(f"{k} {v['seconds'] * 1e6 / max(w['items'], 1):.0f}" for k, v in w["stages"].items())
+        per = 1e6 / max(w["items"], 1)
+        busy = ", ".join(
+            f"{k} {v['seconds'] * per:.0f} ({v.get('cpu_seconds', 0.0) * per:.0f} CPU)" for k, v in w["stages"].items()
+        )
         encoding = w["stages"].get("encode", {}).get("seconds", 0.0) / max(w["seconds"], 1e-9)
         print(
             f"\nround 1, {key} ({w['torch_threads']} torch threads): wall {w['seconds'] * 1e6 / max(w['items'], 1):.0f}"
-            f" us/item, process CPU {w['cpu_seconds'] * 1e6 / max(w['items'], 1):.0f} us/item; busy us/item: {busy};"
+            f" us/item, process CPU {w['cpu_seconds'] * 1e6 / max(w['items'], 1):.0f} us/item; busy us/item (of which"
+            f" the stage's thread's CPU): {busy};"
             f" the encoder ran {encoding:.0%} of the wall"
         )
     m = report["median"]

@@ -117,6 +117,8 @@ def test_written_vectors_equal_a_direct_embed_of_the_payloads(env: Env) -> None:
     assert_vectors_are_direct_embeddings(env, rows)
     assert {"claim", "decode", "encode", "commit", "write", "event"} <= set(stages)
     assert stages["encode"]["items"] == len(everything) and stages["decode"]["items"] == len(everything)
+    for name in ("decode", "encode"):  # computing stages: their thread's CPU, never more than their wall
+        assert 0 < stages[name]["cpu_seconds"] <= stages[name]["seconds"] + 1e-3
 
 
 def test_claim_follows_the_claim_rule_and_reaps_orphans(env: Env) -> None:
