@@ -97,9 +97,9 @@ def encoder_threads(cores: int | None = None, workers: int = 1) -> int:
     """Torch intra-op threads for a worker process: `$BACKFILL_WORKER_TORCH_THREADS` when set (> 0), else an
     equal share of the cores among the `workers` worker processes of this host (at least one). The loader
     and committer threads and Postgres mostly wait on each other and fit beside a full torch pool (with
-    OMP_WAIT_POLICY=PASSIVE, set by the `worker` package): one worker on two quiet cores embeds 1.3x to
-    1.5x more with two torch threads than with one (docs/performance.md); two workers on one host get one
-    each rather than four threads on two cores."""
+    OMP_WAIT_POLICY=PASSIVE, set by the `worker` package): one worker on two quiet cores embeds 1.04x to
+    1.44x as much with two torch threads as with one (median 1.25x, nine rounds; docs/performance.md); two
+    workers on one host get one each rather than four threads on two cores."""
     raw = os.environ.get(TORCH_THREADS_ENV, "").strip()
     if raw:
         try:
