@@ -31,7 +31,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,18 +130,20 @@ class MilvusIndex:
     def ids(self) -> set[int]:
         return self._ids.to_set()
 
-    def engine_ids(self) -> np.ndarray:
-        """Every id the collection itself holds (a full scan of its primary keys)."""
+    def engine_id_chunks(self) -> Iterator[np.ndarray]:
+        """Every id the collection itself holds, a scan of its primary keys in chunks of `WRITE_CHUNK`."""
         it = self.client.query_iterator(
             self.collection, batch_size=WRITE_CHUNK, filter=f"{ID} >= 0", output_fields=[ID]
         )
-        out: list[int] = []
         try:
             while rows := it.next():
-                out.extend(int(r[ID]) for r in rows)
+                yield np.fromiter((r[ID] for r in rows), dtype=np.int64, count=len(rows))
         finally:
             it.close()
-        return np.asarray(out, dtype=np.int64)
+
+    def engine_ids(self) -> np.ndarray:
+        """Every id the collection itself holds, as one array."""
+        return np.concatenate([np.zeros(0, dtype=np.int64), *self.engine_id_chunks()])
 
     def fetch(self, ids: np.ndarray) -> dict[int, np.ndarray]:
         """The collection's vectors of `ids` (absent ids are missing from the answer)."""
@@ -222,7 +224,8 @@ class MilvusIndex:
         """From now until `finish_reconcile`, adds write only what the collection lacks or holds otherwise,
         and deletes wait."""
         self._engine_at_start = IdSet()
-        self._engine_at_start.add(self.engine_ids())
+        for chunk in self.engine_id_chunks():  # 1 byte per id in the bitmap, never a list of every id
+            self._engine_at_start.add(chunk)
         self.repairs = {"inserted": 0, "replaced": 0, "deleted": 0}
 
     def finish_reconcile(self) -> dict[str, int]:

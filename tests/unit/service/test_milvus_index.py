@@ -333,3 +333,16 @@ def test_unused_shared_collections_are_marked_then_dropped_after_the_grace(space
     assert len(shared(4, "v2").engine_ids()) == 3  # the kept one still holds its rows
     for name in present():
         spaces.client.drop_collection(name)
+
+
+def test_the_id_scan_reads_the_collection_in_chunks(spaces: MilvusSpaces, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconciliation's id scan reads chunk by chunk (7 rows per chunk here): every id, once."""
+    monkeypatch.setattr(milvus_index, "WRITE_CHUNK", 7)
+    side = spaces(4, "v1")
+    ids = np.arange(0, 90, 3)
+    side.add(ids, _vecs(np.random.default_rng(11), ids.size, 4))
+    chunks = list(side.engine_id_chunks())
+    assert len(chunks) >= 5 and max(c.size for c in chunks) <= 7
+    got = side.engine_ids()
+    assert got.size == ids.size and set(got.tolist()) == set(ids.tolist())
+    side.close()
