@@ -139,11 +139,6 @@ class VectorIndex:
         self, dim: int, factory: str = "Flat", *, space: str = "", use_gpu: bool = False, search_params: str = ""
     ) -> None:
         self.dim = dim
-        params = [p for p in search_params.replace(" ", "").split(",") if p]
-        kf = [int(p.split("=", 1)[1]) for p in params if p.lower().startswith("k_factor=")]
-        self.k_factor = max(1, kf[-1]) if kf else DEFAULT_K_FACTOR
-        # e.g. "nprobe=16" (IVF) or "efSearch=128" (HNSW), for FAISS; k_factor is this class's own
-        self.search_params = ",".join(p for p in params if not p.lower().startswith("k_factor="))
         self.space = space  # the model version (or "v1->v2" for forward-transformed vectors) it holds
         self.factory = factory.strip() or "Flat"
         refine = _RFLAT.match(self.factory)
@@ -160,6 +155,15 @@ class VectorIndex:
         self._pos_ids = np.zeros(0, dtype=np.int64)
         self._host = np.zeros((0, dim), dtype=np.float32)
         self._index = self._new_index(self._base)
+        self.set_search_params(search_params)
+
+    def set_search_params(self, search_params: str) -> None:
+        """Search parameters, e.g. "nprobe=16" (IVF) or "efSearch=128" (HNSW) for FAISS, and "k_factor=<n>"
+        (this class's own, for ",RFlat"); "" = FAISS's defaults and `DEFAULT_K_FACTOR`."""
+        params = [p for p in search_params.replace(" ", "").split(",") if p]
+        kf = [int(p.split("=", 1)[1]) for p in params if p.lower().startswith("k_factor=")]
+        self.k_factor = max(1, kf[-1]) if kf else DEFAULT_K_FACTOR
+        self.search_params = ",".join(p for p in params if not p.lower().startswith("k_factor="))
         self._apply_search_params()
 
     def _apply_search_params(self) -> None:

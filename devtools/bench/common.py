@@ -8,7 +8,7 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,19 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------- vectors
+
+
+def recall_at(got: Sequence[Sequence[int]] | np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean share of each query's exact k ids (`truth` rows) found among its results (`got` rows: id lists or
+    arrays); -1 (an empty slot) matches nothing."""
+    return float(
+        np.mean(
+            [
+                len({int(i) for i in g if i >= 0} & {int(i) for i in t if i >= 0}) / k
+                for g, t in zip(got, truth, strict=True)
+            ]
+        )
+    )
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

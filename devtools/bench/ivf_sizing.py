@@ -18,8 +18,8 @@ import statistics
 import faiss
 import numpy as np
 
-from devtools.bench.common import clustered, time_pair, unit_centers
-from devtools.bench.merge import _exact, _recall, _set_params
+from devtools.bench.common import clustered, recall_at, time_pair, unit_centers
+from devtools.bench.merge import _exact, _set_params
 from service.index import IndexSet, Layout, VectorIndex
 from service.merge import Hit, merge_topk
 
@@ -72,9 +72,9 @@ def run(n: int, n_queries: int, nlist: int = 1024, k: int = 10, d: int = 64, see
                     "one_p50_ms": statistics.median(t_one) * 1e3,
                     "merged_p50_ms": statistics.median(t_merged) * 1e3,
                     "ratio_p50": statistics.median(t_merged) / statistics.median(t_one),
-                    "recall_one": _recall([[h.item_id for h in one(i)[0]] for i in range(n_queries)], truth_one),
-                    "recall_merged": _recall(
-                        [[h.item_id for h in merged(i)[0]] for i in range(n_queries)], truth_merged
+                    "recall_one": recall_at([[h.item_id for h in one(i)[0]] for i in range(n_queries)], truth_one, k),
+                    "recall_merged": recall_at(
+                        [[h.item_id for h in merged(i)[0]] for i in range(n_queries)], truth_merged, k
                     ),
                 }
             )

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from devtools.bench.common import clustered, rss_bytes, scratch_database, unit_centers
+from devtools.bench.common import clustered, recall_at, rss_bytes, scratch_database, unit_centers
 from devtools.bench.config import BenchConfig
 from devtools.bench.memory import in_child
 
@@ -229,10 +229,6 @@ KNOBS: list[tuple[str, str, Callable[[Any, int], None], tuple[int, ...]]] = [
 ]
 
 
-def _recall_at(got: np.ndarray, truth: np.ndarray, k: int) -> float:
-    return float(np.mean([len(set(g) & set(t)) / k for g, t in zip(got.tolist(), truth.tolist(), strict=True)]))
-
-
 # (factory, nprobe or efSearch, k_factor): the memory table's settings, beside Flat
 MEMORY_ROWS: list[tuple[str, int, int]] = [
     ("IVF1024,Flat", 8, 0),
@@ -284,7 +280,7 @@ def memory_rows(
                 "setting": setting,
                 "build_s": built[factory][1],
                 "bytes_per_item": vi.memory_bytes() / len(vi),
-                "recall": _recall_at(got, truth, k),
+                "recall": recall_at(got, truth, k),
                 "p50_ms": t * 1000,
                 "speedup": flat_t / t,
             }

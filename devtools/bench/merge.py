@@ -16,7 +16,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from devtools.bench.common import Artifacts, clustered, fashion_test, ms, time_pair, unit, unit_centers
+from devtools.bench.common import Artifacts, clustered, fashion_test, ms, recall_at, time_pair, unit, unit_centers
 from devtools.bench.config import BenchConfig
 from service.index import IndexSet, Layout, VectorIndex
 from service.merge import merge_topk
@@ -49,8 +49,7 @@ def _indexes(
 
 def _set_params(indexes: list[VectorIndex], params: str) -> None:
     for ix in indexes:
-        ix.search_params = params
-        ix._apply_search_params()
+        ix.set_search_params(params)
 
 
 def _exact(base: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,11 +58,6 @@ def _exact(base: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tu
     flat.add(np.ascontiguousarray(base, dtype=np.float32))
     d, pos = flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return d, np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
-
-
-def _recall(found: list[list[int]], truth: np.ndarray) -> float:
-    k = truth.shape[1]
-    return float(np.mean([len(set(f) & set(t.tolist())) / k for f, t in zip(found, truth, strict=True)]))
 
 
 def _query_batches(
@@ -177,8 +171,8 @@ def bench_merge(
                 "k": k,
                 "queries": n_queries,
                 **_timings(t_single, t_merged),
-                "single_recall": _recall(found_one, truth_one),
-                "merged_recall": _recall(found_merged, truth_merged),
+                "single_recall": recall_at(found_one, truth_one, k),
+                "merged_recall": recall_at(found_merged, truth_merged, k),
             }
         )
     if len(rows) > 1:

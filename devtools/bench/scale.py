@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from devtools.bench.common import rss_bytes
+from devtools.bench.common import recall_at, rss_bytes
 from devtools.bench.config import BenchConfig
 
 FRACTIONS = (0.0, 0.5, 1.0)
@@ -375,13 +375,6 @@ def ivf_search(side: Side, ix: Any, nprobe: int, k: int, k_factor: int = 0) -> S
         return dist[o][None, :].astype(np.float32), side.ids[cand[o]][None, :]
 
     return run
-
-
-def recall_at(got: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean share of each query's exact k ids found among its k results."""
-    return float(
-        np.mean([len(set(g[g >= 0].tolist()) & set(t[t >= 0].tolist())) / k for g, t in zip(got, truth, strict=True)])
-    )
 
 
 def measure(fns: dict[str, SearchFn], qs: dict[str, np.ndarray], truth: np.ndarray, k: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from devtools.bench import BenchConfig, markdown, run_bench
+from devtools.bench.common import recall_at
 from devtools.bench.scale import (
     FRACTIONS,
     Synth,
@@ -24,7 +25,6 @@ from devtools.bench.scale import (
     ivf_search,
     measure,
     moved,
-    recall_at,
     train_spaces,
 )
 
@@ -82,6 +82,7 @@ def test_recall_at_counts_shared_ids() -> None:
         [sum(1 for x in g if x in set(t)) / K for g, t in zip(got.tolist(), truth.tolist(), strict=True)]
     )
     assert recall_at(got, truth, K) == pytest.approx(expected)
+    assert recall_at([r[r >= 0].tolist() for r in got], truth, K) == pytest.approx(expected)  # short id lists
     assert recall_at(truth, truth, K) == 1.0
 
 
